@@ -1,0 +1,396 @@
+"""Calibration and evaluation text -> token windows, following the reference protocol exactly.
+
+The reference (MultiPruner ``run_multipruner.py`` with BlockPruner's ``utils.py``) builds a pool
+of text records, draws two subsets with Python's ``random`` seeded with 42 (first the width set,
+then, independently, the block set), and turns each subset into windows the way WikiText-2
+perplexity is computed: the records are joined with ``"\\n\\n"``, tokenized once as one string with
+the tokenizer's default special tokens, truncated to a multiple of ``seqlen`` and cut into
+non-overlapping rows.
+
+A source is a named dataset loaded with ``datasets`` (``alpaca``, ``wikitext2``, ``c4``, ``ptb``)
+or a local path: a ``.txt`` file or a folder of them (records are paragraphs separated by blank
+lines), a ``.jsonl`` file (a ``text`` field, or Alpaca ``instruction``/``input``/``output`` fields
+rendered with the Alpaca prompt), or a ``datasets`` ``save_to_disk`` folder. Windows can be cached
+as ``.npy`` files keyed by everything that determines them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+NAMED_SOURCES = ("alpaca", "wikitext2", "c4", "ptb")
+WIKITEXT2_ENV = "MULTIPRUNER_WIKITEXT2"
+DEFAULT_WIKITEXT2 = (
+    Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw/wiki.test.rows.jsonl"
+)
+# sha256 of "\n\n".join(rows) for the 4,358-row wikitext-2-raw-v1 test split (1,294,336 chars).
+WIKITEXT2_TEST_SHA256 = "696cca6b65a171b0a358a4be6732cdfdf2dd6164a32e20fd70e3c13fc4dfae83"
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n{output}"
+)
+ALPACA_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n{output}"
+)
+
+_CACHE_VERSION = 1
+_ACCEPTED = (
+    f"one of {', '.join(NAMED_SOURCES)}, or a path to a .txt file, a folder of .txt files, a "
+    ".jsonl file (a 'text' field or Alpaca 'instruction'/'input'/'output' fields) or a datasets "
+    "save_to_disk folder"
+)
+_log = logging.getLogger(__name__)
+
+
+def tokenize_windows(
+    texts: list[str], tokenizer: PreTrainedTokenizerBase, seqlen: int
+) -> np.ndarray:
+    """Join ``texts`` with blank lines, tokenize once and cut into rows: ``int32[rows, seqlen]``.
+
+    The tokenizer adds its default special tokens (one BOS at the very start for tokenizers that
+    add one); the tail that does not fill a whole row is dropped.
+    """
+    ids = tokenizer("\n\n".join(texts), verbose=False)["input_ids"]
+    rows = len(ids) // seqlen
+    if rows == 0:
+        raise ValueError(
+            f"the texts give {len(ids)} tokens, but one window needs {seqlen} (seqlen={seqlen})"
+        )
+    return np.asarray(ids[: rows * seqlen], dtype=np.int32).reshape(rows, seqlen)
+
+
+def calibration_windows(
+    source: str,
+    tokenizer: PreTrainedTokenizerBase,
+    seqlen: int = 2048,
+    num_width: int = 128,
+    num_block: int = 256,
+    seed: int = 42,
+    cache_dir: str | None = None,
+    *,
+    wikitext2_path: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Width and block calibration windows of ``source``, as the reference builds them.
+
+    Args:
+        source: a name in ``NAMED_SOURCES`` or a local path (see the module docstring).
+        tokenizer: the model's tokenizer.
+        seqlen: tokens per window.
+        num_width: records drawn for the width (MLP channel / attention head) stages.
+        num_block: records drawn, after the width set, for the block stage.
+        seed: seed of the ``random.Random`` that draws both subsets.
+        cache_dir: folder for cached windows; ``None`` disables caching.
+        wikitext2_path: a local ``wiki.test.rows.jsonl`` for ``source="wikitext2"``.
+
+    Returns:
+        ``(width_tokens, block_tokens)``: ``int32[width_rows, seqlen]``, ``int32[block_rows,
+        seqlen]``.
+    """
+    key = {
+        "kind": "calibration",
+        "source": _source_identity(source, wikitext2_path),
+        "tokenizer": _tokenizer_identity(tokenizer),
+        "seqlen": seqlen,
+        "num_width": num_width,
+        "num_block": num_block,
+        "seed": seed,
+    }
+
+    def build() -> tuple[np.ndarray, np.ndarray]:
+        records = load_records(source, wikitext2_path=wikitext2_path)
+        if source == "wikitext2":
+            _log.warning("calibrating on the WikiText-2 test split, which is also the PPL set")
+        subsets = sample_calibration_texts(records, num_width, num_block, seed, source)
+        return tuple(
+            _windows_of(texts, tokenizer, seqlen, f"{source!r} {role} set of {len(texts)} records")
+            for role, texts in zip(("width", "block"), subsets, strict=True)
+        )
+
+    return _cached(cache_dir, key, ("width", "block"), build)
+
+
+def evaluation_windows(
+    source: str,
+    tokenizer: PreTrainedTokenizerBase,
+    seqlen: int = 2048,
+    cache_dir: str | None = None,
+    *,
+    wikitext2_path: str | None = None,
+) -> np.ndarray:
+    """Perplexity windows of every record of ``source`` in order: ``int32[rows, seqlen]``.
+
+    ``"wikitext2"`` is the ``wikitext-2-raw-v1`` test split (all 4,358 rows, empty ones included,
+    joined with ``"\\n\\n"``). It is read from a local ``wiki.test.rows.jsonl`` when one is given
+    (``wikitext2_path`` or ``$MULTIPRUNER_WIKITEXT2``) or when the hub is offline or unreachable
+    (then from ``DEFAULT_WIKITEXT2``); local copies are checked against the split's sha256.
+    A local path evaluates all of its records.
+    """
+    if source in NAMED_SOURCES and source != "wikitext2":
+        raise ValueError(f"evaluation source {source!r}: expected 'wikitext2' or a local path")
+    key = {
+        "kind": "evaluation",
+        "source": _source_identity(source, wikitext2_path),
+        "tokenizer": _tokenizer_identity(tokenizer),
+        "seqlen": seqlen,
+    }
+
+    def build() -> tuple[np.ndarray]:
+        records = load_records(source, wikitext2_path=wikitext2_path)
+        return (_windows_of(records, tokenizer, seqlen, f"{source!r}"),)
+
+    return _cached(cache_dir, key, ("tokens",), build)[0]
+
+
+def sample_calibration_texts(
+    records: list[str], num_width: int, num_block: int, seed: int = 42, source: str = "pool"
+) -> tuple[list[str], list[str]]:
+    """Draw the width set, then the block set, with ``random.Random(seed).sample``.
+
+    This is the reference's ``random.seed(seed)`` followed by two ``random.sample(range(n), k)``
+    calls; the two sets may overlap and keep the sampled order.
+    """
+    for what, count in (("num_width", num_width), ("num_block", num_block)):
+        if count < 1:
+            raise ValueError(f"{what} must be at least 1, got {count}")
+        if count > len(records):
+            raise ValueError(
+                f"calibration source {source!r} has {len(records)} records, "
+                f"fewer than the {count} requested by {what}"
+            )
+    rng = random.Random(seed)
+    width = [records[i] for i in rng.sample(range(len(records)), num_width)]
+    block = [records[i] for i in rng.sample(range(len(records)), num_block)]
+    return width, block
+
+
+def load_records(source: str, *, wikitext2_path: str | None = None) -> list[str]:
+    """The text records of ``source``: the calibration pool, or the evaluation rows in order.
+
+    Named pools follow the reference: ``alpaca`` is ``tatsu-lab/alpaca``'s ``text`` column after
+    ``train_test_split(test_size=0.2, seed=42)["test"]`` and then
+    ``train_test_split(test_size=0.5, seed=42)["train"]``; ``wikitext2`` is the test split;
+    ``ptb`` is the ``penn_treebank`` test split (its ``sentence`` column). The reference asks C4
+    for a ``test`` split that its two data files do not have; ``c4`` here is the ``text`` of the
+    validation file it loads, ``en/c4-validation.00000-of-00008.json.gz``.
+    """
+    kind, path = _resolve(source)
+    if kind == "named":
+        return _NAMED_LOADERS[source](wikitext2_path)
+    return _LOCAL_LOADERS[kind](path)
+
+
+def format_alpaca(instruction: str, input: str, output: str) -> str:
+    """One Alpaca example as the ``text`` column of ``tatsu-lab/alpaca`` writes it."""
+    template = ALPACA_PROMPT_WITH_INPUT if input else ALPACA_PROMPT
+    return template.format(instruction=instruction, input=input, output=output)
+
+
+def _windows_of(
+    texts: list[str], tokenizer: PreTrainedTokenizerBase, seqlen: int, what: str
+) -> np.ndarray:
+    try:
+        return tokenize_windows(texts, tokenizer, seqlen)
+    except ValueError as error:
+        raise ValueError(f"{what}: {error}") from error
+
+
+def _resolve(source: str) -> tuple[str, Path | None]:
+    """Classify ``source``: ``("named", None)`` or (``txt|jsonl|arrow|txt_dir``, its path)."""
+    if source in NAMED_SOURCES:
+        return "named", None
+    path = Path(source)
+    if path.is_file() and path.suffix in (".txt", ".jsonl"):
+        return path.suffix[1:], path
+    if path.is_dir():
+        if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+            return "arrow", path
+        if any(path.glob("*.txt")):
+            return "txt_dir", path
+    what = "exists but is not a supported source" if path.exists() else "is unknown"
+    raise ValueError(f"text source {source!r} {what}: expected {_ACCEPTED}")
+
+
+def _source_identity(source: str, wikitext2_path: str | None) -> dict:
+    """What makes a source's records what they are: its name, or its files' sizes and mtimes."""
+    kind, path = _resolve(source)
+    if kind == "named":
+        local = _wikitext2_override(wikitext2_path) if source == "wikitext2" else None
+        return {"name": source, "files": _file_stats(local) if local else []}
+    return {"kind": kind, "path": str(path.resolve()), "files": _file_stats(path)}
+
+
+def _file_stats(path: Path) -> list[tuple[str, int, int]]:
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+
+
+def _tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str, int]:
+    return type(tokenizer).__name__, str(tokenizer.name_or_path), len(tokenizer)
+
+
+def _cached(
+    cache_dir: str | None,
+    key: dict,
+    parts: tuple[str, ...],
+    build: Callable[[], tuple[np.ndarray, ...]],
+) -> tuple[np.ndarray, ...]:
+    """Return ``build()``, reading it from / writing it to ``cache_dir`` when one is given."""
+    if cache_dir is None:
+        return build()
+    payload = json.dumps({"version": _CACHE_VERSION, **key}, sort_keys=True).encode()
+    stem = f"{key['kind']}-{hashlib.sha256(payload).hexdigest()[:32]}"
+    paths = [Path(cache_dir) / f"{stem}.{part}.npy" for part in parts]
+    if all(p.is_file() for p in paths):
+        _log.info("token windows read from cache %s", paths[0].parent)
+        return tuple(np.load(p) for p in paths)
+    arrays = build()
+    for path, array in zip(paths, arrays, strict=True):
+        _save_atomic(path, array)
+    return arrays
+
+
+def _save_atomic(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _read_txt(path: Path) -> list[str]:
+    """Non-empty paragraphs (separated by blank lines), whitespace-stripped."""
+    text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    return [p.strip() for p in re.split(r"\n[ \t]*\n", text) if p.strip()]
+
+
+def _read_txt_dir(path: Path) -> list[str]:
+    return [record for file in sorted(path.glob("*.txt")) for record in _read_txt(file)]
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                records.append(_record_text(json.loads(line), f"{path}:{number}"))
+    return records
+
+
+def _read_arrow(path: Path) -> list[str]:
+    import datasets
+
+    dataset = datasets.load_from_disk(str(path))
+    if isinstance(dataset, datasets.DatasetDict):
+        raise ValueError(
+            f"{path} holds several splits ({', '.join(dataset)}); pass one split's folder"
+        )
+    if "text" in dataset.column_names:
+        return list(dataset["text"])
+    return [_record_text(row, f"{path} row {i}") for i, row in enumerate(dataset)]
+
+
+def _record_text(row: dict, where: str) -> str:
+    if isinstance(row.get("text"), str):
+        return row["text"]
+    if isinstance(row.get("instruction"), str) and isinstance(row.get("output"), str):
+        return format_alpaca(row["instruction"], row.get("input") or "", row["output"])
+    raise ValueError(
+        f"{where}: a record needs a 'text' string or Alpaca 'instruction' and 'output' strings"
+    )
+
+
+def _wikitext2_override(wikitext2_path: str | None) -> Path | None:
+    local = wikitext2_path or os.environ.get(WIKITEXT2_ENV)
+    return Path(local) if local else None
+
+
+def _load_wikitext2(wikitext2_path: str | None) -> list[str]:
+    local = _wikitext2_override(wikitext2_path)
+    if local is None and not _hub_offline():
+        try:
+            return list(_hub_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", "test")["text"])
+        except RuntimeError as error:
+            _log.warning("%s; reading the local copy %s", error, DEFAULT_WIKITEXT2)
+    local = local or DEFAULT_WIKITEXT2
+    if not local.is_file():
+        raise FileNotFoundError(
+            f"WikiText-2 test rows {local} not found; set ${WIKITEXT2_ENV} or pass "
+            "wikitext2_path to a wiki.test.rows.jsonl"
+        )
+    rows = _read_jsonl(local)
+    digest = hashlib.sha256("\n\n".join(rows).encode("utf-8")).hexdigest()
+    if digest != WIKITEXT2_TEST_SHA256:
+        raise ValueError(f"{local} is not the wikitext-2-raw-v1 test split (sha256 {digest})")
+    return rows
+
+
+def _load_alpaca(_: str | None) -> list[str]:
+    dataset = _hub_dataset("tatsu-lab/alpaca", None, "train")
+    dataset = dataset.remove_columns(["input", "output", "instruction"])
+    held_out = dataset.train_test_split(test_size=0.2, seed=42)["test"]
+    return list(held_out.train_test_split(test_size=0.5, seed=42)["train"]["text"])
+
+
+def _load_c4(_: str | None) -> list[str]:
+    files = {"validation": "en/c4-validation.00000-of-00008.json.gz"}
+    return list(_hub_dataset("allenai/c4", None, "validation", data_files=files)["text"])
+
+
+def _load_ptb(_: str | None) -> list[str]:
+    return list(_hub_dataset("ptb_text_only", "penn_treebank", "test")["sentence"])
+
+
+def _hub_dataset(path: str, name: str | None, split: str, data_files: dict | None = None):
+    import datasets
+
+    try:
+        return datasets.load_dataset(path, name=name, split=split, data_files=data_files)
+    except OSError as error:
+        raise RuntimeError(
+            f"could not load {path} from the Hugging Face hub ({error}); offline, pass a local "
+            "copy as the source instead"
+        ) from error
+
+
+def _hub_offline() -> bool:
+    import datasets
+
+    flags = (os.environ.get(v, "") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    truthy = any(flag.upper() in ("1", "ON", "YES", "TRUE") for flag in flags)
+    return truthy or bool(datasets.config.HF_HUB_OFFLINE or datasets.config.HF_DATASETS_OFFLINE)
+
+
+_NAMED_LOADERS: dict[str, Callable[[str | None], list[str]]] = {
+    "alpaca": _load_alpaca,
+    "wikitext2": _load_wikitext2,
+    "c4": _load_c4,
+    "ptb": _load_ptb,
+}
+_LOCAL_LOADERS: dict[str, Callable[[Path], list[str]]] = {
+    "txt": _read_txt,
+    "txt_dir": _read_txt_dir,
+    "jsonl": _read_jsonl,
+    "arrow": _read_arrow,
+}

@@ -1,0 +1,57 @@
+"""Perplexity reports for HF directories and pruned checkpoints."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from models.decoder import CausalLM
+from models.spec import ModelSpec
+from multipruner_jax import checkpoint, hf_io
+from multipruner_jax.scoring import Scorer
+
+ShardingFor = hf_io.ShardingFor
+
+
+def eval_ignore_id(spec: ModelSpec) -> int | None:
+    """The reference's evaluation ignore id: the config's eos id (the first one of a list)."""
+    eos = spec.eos_token_id
+    return eos[0] if isinstance(eos, tuple) else eos
+
+
+def load_tokenizer(path: str):
+    """The tokenizer of an HF directory or of a checkpoint (saved in its ``tokenizer/``)."""
+    from transformers import AutoTokenizer
+
+    if checkpoint.is_checkpoint(path):
+        path = os.path.join(path, checkpoint.TOKENIZER_DIR)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_model(
+    path: str, dtype: jnp.dtype = jnp.float32, sharding_for: ShardingFor | None = None
+) -> CausalLM:
+    """A model from an HF directory or from one of our pruned checkpoints."""
+    if checkpoint.is_checkpoint(path):
+        return checkpoint.restore(path, dtype, sharding_for)
+    return hf_io.load_model(path, dtype, sharding_for)
+
+
+def evaluate_perplexity(
+    model: CausalLM, tokens: np.ndarray, batch_size: int, mesh: Mesh, vocab_chunk: int = 8192
+) -> float:
+    """Perplexity of ``model`` on ``tokens: int32[rows, seq]`` (ignore id: the config's eos)."""
+    scorer = Scorer(
+        tokens,
+        ignore_id=eval_ignore_id(model.spec),
+        batch_size=batch_size,
+        mesh=mesh,
+        vocab_chunk=vocab_chunk,
+    )
+    ppl = scorer.perplexity(model)
+    jax.block_until_ready(ppl)
+    return ppl

@@ -1,0 +1,297 @@
+"""The prune job end to end: check options, load, calibrate, search (or apply a config), save.
+
+Output directory layout (``output_path``):
+
+* ``flags.txt``: the effective flags (written by the script);
+* ``search_state.json``: accepted steps and the settings they belong to, rewritten atomically
+  after every step (``--resume`` replays it);
+* ``pruned_model_configs/config.{block|mlp_width|attn_head}.{step}.json``: the config after each
+  step; ``pruning_config.json``: the final config (reference schema + ``weight_reorder``);
+* ``log.json``: one record per step (reference keys plus timings and compile counts);
+* ``checkpoint/``: the pruned model (orbax params + ``spec.json`` + tokenizer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from models.decoder import CausalLM
+from models.spec import ModelSpec
+from multipruner_jax import checkpoint, data, hf_io, model_source, pruning_config, search, surgery
+from multipruner_jax import mesh as mesh_lib
+from multipruner_jax.evaluation import evaluate_perplexity, load_tokenizer
+from multipruner_jax.progress import ConsoleProgress, summary_table
+from multipruner_jax.scoring import MODES, Scorer
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+STATE_FILE = "search_state.json"
+STAGE_FILE_NAMES = {"block": "block", "mlp_width": "mlp_width", "attn_head": "attn_head"}
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    """Everything the prune job needs; field names follow the reference CLI where it has one."""
+
+    model_path: str
+    output_path: str
+    weight_reorder: bool = False
+    target_ratio: float = 20.0
+    pruning_distribution: str = "44:52:4"
+    mlp_channel_group_size: int = 1024
+    attn_channel_group_size: int = 128
+    calibration_dataset: str = "alpaca"
+    num_calibration_samples_block: int = 256
+    num_calibration_samples_width: int = 128
+    seqlen: int = 2048
+    seed: int = 42
+    pruned_model_config_file: str | None = None
+    dtype: str = "float32"
+    mesh_shape: str = ""
+    batch_size: int = 0
+    scoring_mode: str = "layer"
+    prefix_cache: bool = True
+    vocab_chunk: int = 8192
+    resume: bool = False
+    eval_dataset: str = "wikitext2"
+    eval_windows: int = 0
+    cache_dir: str | None = None
+    quiet: bool = False
+
+    def search_identity(self) -> dict[str, Any]:
+        """The options a resumed search must share with the run it continues."""
+        keys = (
+            "model_path weight_reorder target_ratio pruning_distribution mlp_channel_group_size "
+            "attn_channel_group_size calibration_dataset num_calibration_samples_block "
+            "num_calibration_samples_width seqlen seed dtype"
+        ).split()
+        return {k: getattr(self, k) for k in keys}
+
+
+def check_options(opts: PruneOptions) -> tuple[ModelSpec, search.Settings | None]:
+    """Validate every option that can be checked without loading weights; one error each."""
+    if not 0 < opts.target_ratio < 100:
+        raise ValueError(f"--target_ratio={opts.target_ratio}: expected a percentage in (0, 100)")
+    distribution = search.parse_distribution(opts.pruning_distribution)
+    if opts.dtype not in DTYPES:
+        raise ValueError(f"--dtype={opts.dtype!r}: expected one of {', '.join(DTYPES)}")
+    if opts.scoring_mode not in MODES:
+        raise ValueError(f"--scoring_mode={opts.scoring_mode!r}: expected one of {MODES}")
+    if opts.prefix_cache and opts.scoring_mode != "layer":
+        raise ValueError("--prefix_cache needs --scoring_mode=layer")
+    if opts.seqlen < 2:
+        raise ValueError(f"--seqlen={opts.seqlen}: expected at least 2 tokens")
+    for name in ("num_calibration_samples_block", "num_calibration_samples_width"):
+        if getattr(opts, name) <= 0:
+            raise ValueError(f"--{name}={getattr(opts, name)}: expected a positive count")
+    if opts.batch_size < 0:
+        raise ValueError(f"--batch_size={opts.batch_size}: expected >= 0 (0 = one row per device)")
+    mesh_lib.parse_mesh_shape(opts.mesh_shape)
+    if not opts.output_path:
+        raise ValueError("--output_path is required")
+    state_path = os.path.join(opts.output_path, STATE_FILE)
+    if opts.resume and not os.path.isfile(state_path):
+        raise ValueError(f"--resume: {state_path} does not exist; nothing to resume")
+    if not opts.resume and os.path.exists(state_path):
+        raise ValueError(
+            f"--output_path={opts.output_path} already holds a search; pass --resume to continue "
+            "it or choose another output path"
+        )
+    spec = hf_io.read_spec(model_source.resolve(opts.model_path))
+    if opts.pruned_model_config_file:
+        pruning_config.apply(spec, pruning_config.load(opts.pruned_model_config_file))
+        return spec, None
+    search.check_group_sizes(spec, opts.mlp_channel_group_size, opts.attn_channel_group_size)
+    settings = search.Settings(
+        target_ratio=opts.target_ratio,
+        distribution=distribution,
+        mlp_group=opts.mlp_channel_group_size,
+        attn_group=opts.attn_channel_group_size,
+        prefix_cache=opts.prefix_cache,
+    )
+    return spec, settings
+
+
+def _say(opts: PruneOptions, text: str) -> None:
+    if not opts.quiet and jax.process_index() == 0:
+        print(text, flush=True)
+
+
+class _Outputs:
+    """Writes the per-step files of a search (process 0 only)."""
+
+    def __init__(self, opts: PruneOptions, dense: ModelSpec, settings: search.Settings):
+        self.opts, self.dense, self.settings = opts, dense, settings
+        self.writer = jax.process_index() == 0
+
+    def config(self, state: search.SearchState) -> dict[str, Any]:
+        attn, mlp = search.removal_orders(state)
+        return pruning_config.to_dict(
+            state.spec(self.dense, self.settings),
+            attn_order=attn,
+            mlp_order=mlp,
+            weight_reorder=self.opts.weight_reorder,
+        )
+
+    def on_step(self, state: search.SearchState, model: CausalLM) -> None:
+        if not self.writer:
+            return
+        out = self.opts.output_path
+        last = state.steps[-1]
+        name = f"config.{STAGE_FILE_NAMES[last.stage]}.{last.step}.json"
+        config_path = os.path.join(out, "pruned_model_configs", name)
+        checkpoint.write_json(config_path, self.config(state))
+        log = [
+            {
+                "step": s.step,
+                "pruning_target": s.stage,
+                "importance": s.ppl,
+                "ratio": s.ratio,
+                "config_save_to": os.path.join(
+                    out, "pruned_model_configs", f"config.{s.stage}.{s.step}.json"
+                ),
+                **dataclasses.asdict(s),
+            }
+            for s in state.steps
+        ]
+        checkpoint.write_json(os.path.join(out, "log.json"), {"steps": log})
+        checkpoint.write_json(
+            os.path.join(out, STATE_FILE),
+            {"options": self.opts.search_identity(), **state.to_dict()},
+        )
+
+
+def _load_state(opts: PruneOptions) -> search.SearchState:
+    saved = checkpoint.read_json(os.path.join(opts.output_path, STATE_FILE))
+    if saved["options"] != opts.search_identity():
+        diff = {
+            k: (v, opts.search_identity()[k])
+            for k, v in saved["options"].items()
+            if opts.search_identity().get(k) != v
+        }
+        raise ValueError(f"--resume: the saved search used other options (saved, now): {diff}")
+    return search.SearchState.from_dict(saved)
+
+
+def run(opts: PruneOptions) -> dict[str, Any]:
+    """Run the prune job; returns a summary (parameter counts, ratio, perplexities, paths)."""
+    dense, settings = check_options(opts)
+    t0 = time.perf_counter()
+    model_dir = model_source.resolve(opts.model_path)
+    mesh = mesh_lib.make_mesh(mesh_lib.parse_mesh_shape(opts.mesh_shape))
+    data_axis = mesh.shape["data"]
+    batch_size = opts.batch_size or data_axis
+
+    def sharding_for(path: str, shape: tuple[int, ...]) -> jax.sharding.Sharding:
+        return mesh_lib.param_sharding(mesh, path, shape)
+
+    tokenizer = load_tokenizer(model_dir)
+    state = _load_state(opts) if opts.resume else search.SearchState()
+    if settings is not None:
+        width_tokens, block_tokens = data.calibration_windows(
+            opts.calibration_dataset,
+            tokenizer,
+            seqlen=opts.seqlen,
+            num_width=opts.num_calibration_samples_width,
+            num_block=opts.num_calibration_samples_block,
+            seed=opts.seed,
+            cache_dir=opts.cache_dir,
+        )
+        _say(
+            opts,
+            f"calibration: {block_tokens.shape[0]} block rows, {width_tokens.shape[0]} width rows "
+            f"of {opts.seqlen} tokens from {opts.calibration_dataset}",
+        )
+    model = hf_io.load_model(model_dir, DTYPES[opts.dtype], sharding_for)
+    _say(opts, f"loaded {opts.model_path}: {surgery.count_params(dense):,} parameters")
+    if opts.weight_reorder:
+        surgery.reorder(model)
+    eval_tokens = None
+    summary: dict[str, Any] = {"dense_params": surgery.count_params(dense)}
+    if opts.eval_windows:
+        eval_tokens = _eval_tokens(opts, tokenizer)
+        summary["dense_ppl"] = evaluate_perplexity(model, eval_tokens, batch_size, mesh)
+        _say(opts, f"dense {opts.eval_dataset} perplexity: {summary['dense_ppl']:.4f}")
+
+    if settings is None:
+        config = pruning_config.load(opts.pruned_model_config_file)
+        if "weight_reorder" in config and config["weight_reorder"] != opts.weight_reorder:
+            raise ValueError(
+                f"{opts.pruned_model_config_file} was made with weight_reorder="
+                f"{config['weight_reorder']}, but --weight_reorder={opts.weight_reorder}"
+            )
+        spec = pruning_config.apply(dense, config)
+        model = surgery.shrink(model, spec, sharding_for)
+        final_config = {**config, "weight_reorder": opts.weight_reorder}
+        steps: list[search.Step] = []
+    else:
+        ignore = tokenizer.eos_token_id
+        scorers = {
+            name: Scorer(
+                tokens,
+                ignore_id=ignore,
+                batch_size=batch_size,
+                mesh=mesh,
+                vocab_chunk=opts.vocab_chunk,
+                mode=opts.scoring_mode,
+            )
+            for name, tokens in (("block", block_tokens), ("width", width_tokens))
+        }
+        outputs = _Outputs(opts, dense, settings)
+        model, state = search.search(
+            model,
+            dense,
+            scorers,
+            settings,
+            state=state,
+            on_step=outputs.on_step,
+            progress=ConsoleProgress(enabled=not opts.quiet and jax.process_index() == 0),
+            sharding_for=sharding_for,
+        )
+        final_config = outputs.config(state)
+        steps = state.steps
+        summary["compiles"] = {name: s.compiles.count for name, s in scorers.items()}
+    if jax.process_index() == 0:
+        checkpoint.write_json(os.path.join(opts.output_path, "pruning_config.json"), final_config)
+    ckpt = os.path.join(opts.output_path, "checkpoint")
+    checkpoint.save(ckpt, model, tokenizer=tokenizer)
+    summary.update(
+        pruned_params=surgery.count_params(model.spec),
+        ratio=surgery.pruned_ratio(model.spec, dense),
+        steps=len(steps),
+        checkpoint=ckpt,
+        seconds=time.perf_counter() - t0,
+    )
+    if eval_tokens is not None:
+        summary["pruned_ppl"] = evaluate_perplexity(model, eval_tokens, batch_size, mesh)
+    if steps:
+        _say(opts, summary_table(steps))
+    _say(opts, format_summary(summary))
+    return summary
+
+
+def _eval_tokens(opts: PruneOptions, tokenizer):
+    tokens = data.evaluation_windows(
+        opts.eval_dataset, tokenizer, seqlen=opts.seqlen, cache_dir=opts.cache_dir
+    )
+    return tokens if opts.eval_windows < 0 else tokens[: opts.eval_windows]
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = [
+        f"parameters: dense {summary['dense_params']:,} -> pruned {summary['pruned_params']:,} "
+        f"({summary['ratio']:.2f}% removed, {summary['steps']} steps, "
+        f"{summary['seconds']:.0f}s)"
+    ]
+    if "dense_ppl" in summary:
+        lines.append(
+            f"perplexity: dense {summary['dense_ppl']:.4f} -> pruned {summary['pruned_ppl']:.4f}"
+        )
+    lines.append(f"checkpoint: {summary['checkpoint']}")
+    return "\n".join(lines)

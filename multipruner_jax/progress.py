@@ -1,0 +1,68 @@
+"""Console progress for the search: a live line per step and a summary table at the end."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+from multipruner_jax.search import Progress, Step
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class ConsoleProgress(Progress):
+    """Rewrites one line in place on a terminal; elsewhere prints a line every ``every`` s."""
+
+    def __init__(self, stream: TextIO = sys.stderr, every: float = 10.0, enabled: bool = True):
+        self.stream = stream
+        self.every = every
+        self.enabled = enabled
+        self.live = stream.isatty()
+        self._last = 0.0
+
+    def candidate(
+        self, stage: str, step: int, done: int, total: int, best: float, ratio: float, eta: float
+    ) -> None:
+        if not self.enabled:
+            return
+        line = (
+            f"[{stage}] step {step}: candidates {done}/{total}, best ppl {best:.4f}, "
+            f"ratio {ratio:.2f}%, step ETA {_clock(eta)}"
+        )
+        now = time.monotonic()
+        if self.live:
+            self.stream.write("\r\033[K" + line)
+            self.stream.flush()
+        elif now - self._last >= self.every or done == total:
+            self._last = now
+            print(line, file=self.stream, flush=True)
+
+    def accepted(self, record: Step) -> None:
+        if not self.enabled:
+            return
+        if self.live:
+            self.stream.write("\r\033[K")
+        print(
+            f"[{record.stage}] step {record.step}: removed {record.kind} of layer {record.layer} "
+            f"-> ppl {record.ppl:.4f}, ratio {record.ratio:.2f}% (target {record.target:.2f}%), "
+            f"{record.candidates} candidates in {record.seconds:.1f}s, {record.compiles} compiles",
+            file=self.stream,
+            flush=True,
+        )
+
+
+def summary_table(steps: list[Step]) -> str:
+    """A plain-text table of the accepted steps."""
+    head = f"{'step':>4}  {'stage':<9}  {'removed':<13}  {'ppl':>10}  {'ratio%':>7}  {'cands':>5}"
+    head += f"  {'sec':>7}  {'compiles':>8}"
+    rows = [head, "-" * len(head)]
+    for s in steps:
+        rows.append(
+            f"{s.step:>4}  {s.stage:<9}  {s.kind + ' L' + str(s.layer):<13}  {s.ppl:>10.4f}  "
+            f"{s.ratio:>7.2f}  {s.candidates:>5}  {s.seconds:>7.1f}  {s.compiles:>8}"
+        )
+    return "\n".join(rows)

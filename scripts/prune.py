@@ -1,0 +1,69 @@
+"""Prune a decoder LLM with MultiPruner: ``python scripts/prune.py --flagfile=configs/X.flags``."""
+
+import os
+import sys
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from multipruner_jax import checkpoint, mesh, pipeline  # noqa: E402
+
+_D = pipeline.PruneOptions
+flags.DEFINE_string("model_path", None, "HF model directory or Hub id.", required=True)
+flags.DEFINE_string("output_path", None, "Output directory.", required=True)
+flags.DEFINE_bool("weight_reorder", _D.weight_reorder, "Reorder channels/heads by magnitude.")
+flags.DEFINE_float("target_ratio", _D.target_ratio, "Percent of all parameters to remove.")
+flags.DEFINE_string("pruning_distribution", _D.pruning_distribution, "Stage shares 'a:b:c'.")
+flags.DEFINE_integer("mlp_channel_group_size", _D.mlp_channel_group_size, "MLP channels a step.")
+flags.DEFINE_integer(
+    "attn_channel_group_size", _D.attn_channel_group_size, "Query channels a step."
+)
+flags.DEFINE_string(
+    "calibration_dataset",
+    _D.calibration_dataset,
+    "alpaca|wikitext2|c4|ptb, or a local .txt/.jsonl file, folder of .txt, or Arrow folder.",
+)
+flags.DEFINE_integer("num_calibration_samples_block", _D.num_calibration_samples_block, "")
+flags.DEFINE_integer("num_calibration_samples_width", _D.num_calibration_samples_width, "")
+flags.DEFINE_integer("seqlen", _D.seqlen, "Tokens per calibration/evaluation row.")
+flags.DEFINE_integer("seed", _D.seed, "Sampling seed for the calibration subsets.")
+flags.DEFINE_string(
+    "pruned_model_config_file", None, "Apply this pruning_config.json instead of searching."
+)
+flags.DEFINE_enum("dtype", _D.dtype, list(pipeline.DTYPES), "Parameter and compute dtype.")
+flags.DEFINE_string("mesh_shape", _D.mesh_shape, "'data,model' device mesh; default all on data.")
+flags.DEFINE_integer("batch_size", _D.batch_size, "Rows per scoring batch; 0 = one per device.")
+flags.DEFINE_enum("scoring_mode", _D.scoring_mode, ["layer", "model"], "Per-layer or whole jit.")
+flags.DEFINE_bool("prefix_cache", _D.prefix_cache, "Reuse layer inputs below a candidate.")
+flags.DEFINE_integer("vocab_chunk", _D.vocab_chunk, "Vocabulary chunk of the cross-entropy.")
+flags.DEFINE_bool("resume", _D.resume, "Continue the search saved in --output_path.")
+flags.DEFINE_string("eval_dataset", _D.eval_dataset, "Perplexity set reported before/after.")
+flags.DEFINE_integer("eval_windows", _D.eval_windows, "Evaluation rows: 0 none, -1 all.")
+flags.DEFINE_string("cache_dir", None, "Token-window cache folder (default: none).")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host TPU).")
+flags.DEFINE_bool("quiet", _D.quiet, "No progress output.")
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.distributed:
+        mesh.initialize_distributed()
+    names = [f.name for f in FLAGS.get_key_flags_for_module(sys.modules[__name__])]
+    opts = pipeline.PruneOptions(
+        **{n: FLAGS[n].value for n in names if n in pipeline.PruneOptions.__dataclass_fields__}
+    )
+    try:
+        pipeline.check_options(opts)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    flag_lines = [FLAGS[n].serialize() for n in names if FLAGS[n].value is not None]
+    checkpoint.write_text(os.path.join(opts.output_path, "flags.txt"), "\n".join(flag_lines) + "\n")
+    pipeline.run(opts)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,144 @@
+"""The greedy three-stage search on tiny models of every family."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import tiny_models
+
+from multipruner_jax import search, surgery
+from multipruner_jax.scoring import Scorer
+
+GROUPS = {  # (mlp group, attention group in query channels = one KV group)
+    "llama_mha": (32, 16),
+    "llama_gqa": (32, 32),
+    "mistral": (32, 32),
+    "qwen2": (32, 32),
+    "qwen3": (32, 64),
+}
+
+
+def _scorers(mode: str = "layer") -> dict[str, Scorer]:
+    return {
+        "block": Scorer(tiny_models.tokens(4, 16, seed=1), ignore_id=3, batch_size=2, mode=mode),
+        "width": Scorer(tiny_models.tokens(2, 16, seed=2), ignore_id=3, batch_size=2, mode=mode),
+    }
+
+
+def _settings(family: str, **kw) -> search.Settings:
+    mlp, attn = GROUPS[family]
+    base = dict(target_ratio=30.0, distribution=(0.44, 0.52, 0.04), mlp_group=mlp, attn_group=attn)
+    return search.Settings(**{**base, **kw})
+
+
+def _run(family: str, settings: search.Settings, mode: str = "layer", on_step=None):
+    model = tiny_models.model(family)
+    dense = model.spec
+    surgery.reorder(model)
+    scorers = _scorers(mode)
+    pruned, state = search.search(model, dense, scorers, settings, on_step=on_step)
+    return dense, pruned, state, scorers
+
+
+def _decisions(state: search.SearchState) -> list[tuple[str, str, int]]:
+    return [(s.stage, s.kind, s.layer) for s in state.steps]
+
+
+@pytest.mark.parametrize("family", list(tiny_models.FAMILIES))
+def test_search_reaches_each_stage_target_deterministically(family):
+    settings = _settings(family)
+    dense, pruned, state, _ = _run(family, settings)
+    assert surgery.pruned_ratio(pruned.spec, dense) >= settings.target_ratio
+    assert pruned.spec == state.spec(dense, settings)
+    targets = dict(zip(search.STAGES, settings.stage_targets(), strict=True))
+    for stage in search.STAGES:
+        steps = [s for s in state.steps if s.stage == stage]
+        if steps:  # a stage overshoots its target by at most one step
+            before_last = steps[-2].ratio if len(steps) > 1 else -1.0
+            assert before_last < targets[stage] <= steps[-1].ratio or stage != "block"
+    assert {s.stage for s in state.steps} >= {"block", "mlp_width"}
+    _, _, again, _ = _run(family, settings)
+    assert _decisions(again) == _decisions(state)
+
+
+@pytest.mark.parametrize("family", ["llama_mha", "qwen3"])
+def test_winning_masked_score_equals_the_rebuilt_model(family):
+    settings = _settings(family)
+    rebuilt = []
+    scorers = _scorers()
+
+    def check(state, model):
+        name = "block" if state.steps[-1].stage == "block" else "width"
+        rebuilt.append((state.steps[-1].ppl, scorers[name].perplexity(model)))
+
+    model = tiny_models.model(family)
+    search.search(model, model.spec, scorers, settings, on_step=check)
+    assert len(rebuilt) >= 3
+    for masked, physical in rebuilt:
+        assert physical == pytest.approx(masked, rel=1e-5)
+
+
+def test_compiles_are_bounded_by_layer_shapes_not_candidates():
+    settings = _settings("llama_gqa")
+    dense, _, state, scorers = _run("llama_gqa", settings)
+    seen = set()
+    for k, step in enumerate(state.steps):
+        before = search.SearchState(state.steps[:k]).spec(dense, settings)
+        # embed + head + at most one program per layer shape of the scored model
+        assert step.compiles <= len(set(before.layers)) + 2, step
+        seen |= set(before.layers)
+    assert sum(s.candidates for s in state.steps) > sum(s.compiles for s in state.steps)
+    assert sum(s.compiles.count for s in scorers.values()) <= 2 * (len(seen) + 2)
+
+
+def test_prefix_cache_and_whole_model_mode_take_the_same_decisions():
+    family = "mistral"
+    _, _, cached, _ = _run(family, _settings(family, prefix_cache=True))
+    _, _, uncached, _ = _run(family, _settings(family, prefix_cache=False))
+    _, _, whole, _ = _run(family, _settings(family, prefix_cache=False), mode="model")
+    assert _decisions(cached) == _decisions(uncached) == _decisions(whole)
+    for a, b in zip(cached.steps, whole.steps, strict=True):
+        assert a.ppl == pytest.approx(b.ppl, rel=1e-5)
+
+
+def test_candidate_order_and_width_limits():
+    spec = tiny_models.spec("llama_gqa")  # 4 layers, 2 KV groups, MLP width 96
+    settings = _settings("llama_gqa")
+    layers = list(spec.layers)
+    layers[1] = dataclasses.replace(layers[1], has_attn=False)
+    layers[2] = dataclasses.replace(layers[2], mlp_width=32, kv_groups=1)
+    spec = spec.replace_layers(layers)
+    blocks = search.candidates("block", spec, settings)
+    assert [(c.kind, c.layer) for c in blocks] == [
+        ("attn", 0),
+        ("attn", 2),
+        ("attn", 3),
+        ("mlp", 0),
+        ("mlp", 1),
+        ("mlp", 2),
+        ("mlp", 3),
+    ]
+    assert [c.layer for c in search.candidates("mlp_width", spec, settings)] == [0, 1, 3]
+    assert [c.layer for c in search.candidates("attn_head", spec, settings)] == [0, 3]
+
+
+def test_stage_targets_are_cumulative():
+    settings = search.Settings(target_ratio=20.0, distribution=search.parse_distribution("2:7:1"))
+    np.testing.assert_allclose(settings.stage_targets(), (4.0, 18.0, 20.0))
+
+
+@pytest.mark.parametrize("text", ["1:2", "a:b:c", "-1:1:1", "0:0:0", "1:inf:1"])
+def test_bad_distributions_are_rejected(text):
+    with pytest.raises(ValueError, match="pruning distribution"):
+        search.parse_distribution(text)
+
+
+def test_group_size_rules():
+    spec = tiny_models.spec("llama_gqa")  # head_dim 8, 4 query heads per KV head
+    search.check_group_sizes(spec, 32, 32)
+    with pytest.raises(ValueError, match="divisor of the MLP width 96"):
+        search.check_group_sizes(spec, 40, 32)
+    with pytest.raises(ValueError, match="whole KV groups"):
+        search.check_group_sizes(spec, 32, 8)
