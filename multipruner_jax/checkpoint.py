@@ -71,7 +71,7 @@ def save(path: str, model: CausalLM, extra: dict[str, Any] | None = None, tokeni
         if tokenizer is not None:
             tokenizer.save_pretrained(os.path.join(tmp, TOKENIZER_DIR))
         checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(os.path.join(tmp, PARAMS_DIR), nnx.state(model).to_pure_dict())
+        checkpointer.save(os.path.join(tmp, PARAMS_DIR), nnx.to_pure_dict(nnx.state(model)))
         checkpointer.wait_until_finished()
         checkpointer.close()
         if os.path.exists(path):
@@ -114,11 +114,11 @@ def restore(
         )
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
 
-    abstract = jax.tree_util.tree_map_with_path(target, abstract_state.to_pure_dict())
+    abstract = jax.tree_util.tree_map_with_path(target, nnx.to_pure_dict(abstract_state))
     restored = checkpointer.restore(os.path.join(path, PARAMS_DIR), abstract)
     checkpointer.close()
     if dtype is not None:
         restored = jax.tree.map(lambda x: x.astype(dtype), restored)
         graphdef, abstract_state = nnx.split(decoder.abstract(spec, dtype))
-    abstract_state.replace_by_pure_dict(restored)
+    nnx.replace_by_pure_dict(abstract_state, restored)
     return nnx.merge(graphdef, abstract_state)

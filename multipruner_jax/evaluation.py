@@ -11,7 +11,8 @@ from jax.sharding import Mesh
 
 from models.decoder import CausalLM
 from models.spec import ModelSpec
-from multipruner_jax import checkpoint, hf_io
+from multipruner_jax import checkpoint, hf_io, surgery
+from multipruner_jax import mesh as mesh_lib
 from multipruner_jax.scoring import Scorer
 
 ShardingFor = hf_io.ShardingFor
@@ -55,3 +56,40 @@ def evaluate_perplexity(
     ppl = scorer.perplexity(model)
     jax.block_until_ready(ppl)
     return ppl
+
+
+def evaluate(
+    path: str,
+    *,
+    dataset: str = "wikitext2",
+    seqlen: int = 2048,
+    windows: int = 0,
+    dtype: jnp.dtype = jnp.float32,
+    mesh_shape: tuple[int, int] | None = None,
+    batch_size: int = 0,
+    cache_dir: str | None = None,
+) -> dict:
+    """Perplexity of the model at ``path`` (HF dir, Hub id or checkpoint) on ``dataset``.
+
+    ``windows``: the first N rows of ``seqlen`` tokens; 0 means the whole split.
+    """
+    from multipruner_jax import data, model_source
+
+    if windows < 0:
+        raise ValueError(f"--windows={windows}: expected 0 (all) or a positive count")
+    local = path if checkpoint.is_checkpoint(path) else model_source.resolve(path)
+    tokenizer = load_tokenizer(local)
+    tokens = data.evaluation_windows(dataset, tokenizer, seqlen=seqlen, cache_dir=cache_dir)
+    if windows:
+        tokens = tokens[:windows]
+    mesh = mesh_lib.make_mesh(mesh_shape)
+    model = load_model(local, dtype, lambda p, s: mesh_lib.param_sharding(mesh, p, s))
+    ppl = evaluate_perplexity(model, tokens, batch_size or mesh.shape["data"], mesh)
+    return {
+        "model": path,
+        "dataset": dataset,
+        "seqlen": seqlen,
+        "rows": int(tokens.shape[0]),
+        "params": surgery.count_params(model.spec),
+        "perplexity": ppl,
+    }

@@ -92,7 +92,11 @@ def check_options(opts: PruneOptions) -> tuple[ModelSpec, search.Settings | None
             raise ValueError(f"--{name}={getattr(opts, name)}: expected a positive count")
     if opts.batch_size < 0:
         raise ValueError(f"--batch_size={opts.batch_size}: expected >= 0 (0 = one row per device)")
-    mesh_lib.parse_mesh_shape(opts.mesh_shape)
+    shape = mesh_lib.parse_mesh_shape(opts.mesh_shape) or (jax.device_count(), 1)
+    if opts.batch_size % shape[0]:
+        raise ValueError(
+            f"--batch_size={opts.batch_size} is not a multiple of the mesh's data axis {shape[0]}"
+        )
     if not opts.output_path:
         raise ValueError("--output_path is required")
     state_path = os.path.join(opts.output_path, STATE_FILE)

@@ -60,3 +60,41 @@ def _built(family: str, seed: int):
 
 def tokens(rows: int, seq: int, vocab: int = BASE["vocab_size"], seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, (rows, seq)).astype(np.int32)
+
+
+def tiny_tokenizer(path: str, corpus: list[str], vocab_size: int = 300):
+    """Train a byte-level BPE tokenizer on ``corpus`` and save it to ``path`` (offline)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(path)
+    return fast
+
+
+def save_hf_model(path: str, family: str, vocab_size: int, seed: int = 0, **overrides) -> None:
+    """A random HF torch model of ``family`` (tiny dims) saved with ``save_pretrained``."""
+    import torch
+    import transformers
+
+    cfg = {**BASE, **FAMILIES[family], "vocab_size": vocab_size, **overrides}
+    model_type = cfg.pop("model_type")
+    config = transformers.AutoConfig.for_model(model_type, bos_token_id=0, eos_token_id=1, **cfg)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            p.normal_(0.0, 0.2)
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(1.0)
+    model.save_pretrained(path)
