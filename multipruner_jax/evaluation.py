@@ -43,7 +43,7 @@ def load_model(
 
 
 def evaluate_perplexity(
-    model: CausalLM, tokens: np.ndarray, batch_size: int, mesh: Mesh, vocab_chunk: int = 8192
+    model: CausalLM, tokens: np.ndarray, batch_size: int, mesh: Mesh, token_chunk: int = 512
 ) -> float:
     """Perplexity of ``model`` on ``tokens: int32[rows, seq]`` (ignore id: the config's eos)."""
     scorer = Scorer(
@@ -51,7 +51,7 @@ def evaluate_perplexity(
         ignore_id=eval_ignore_id(model.spec),
         batch_size=batch_size,
         mesh=mesh,
-        vocab_chunk=vocab_chunk,
+        token_chunk=token_chunk,
     )
     ppl = scorer.perplexity(model)
     jax.block_until_ready(ppl)

@@ -57,7 +57,7 @@ class PruneOptions:
     batch_size: int = 0
     scoring_mode: str = "layer"
     prefix_cache: bool = True
-    vocab_chunk: int = 8192
+    token_chunk: int = 512
     resume: bool = False
     eval_dataset: str = "wikitext2"
     eval_windows: int = 0
@@ -242,7 +242,7 @@ def run(opts: PruneOptions) -> dict[str, Any]:
                 ignore_id=ignore,
                 batch_size=batch_size,
                 mesh=mesh,
-                vocab_chunk=opts.vocab_chunk,
+                token_chunk=opts.token_chunk,
                 mode=opts.scoring_mode,
             )
             for name, tokens in (("block", block_tokens), ("width", width_tokens))

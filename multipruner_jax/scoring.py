@@ -18,7 +18,9 @@ Masks are always traced inputs, so all candidates of a search step reuse the com
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import jax
@@ -46,45 +48,50 @@ class CompileCounter:
 
 
 def head_nll(
-    h: jax.Array, w_out: jax.Array, tokens: jax.Array, ignore_id: int, vocab_chunk: int
+    h: jax.Array,
+    w_out: jax.Array,
+    tied: bool,
+    tokens: jax.Array,
+    ignore_id: int,
+    token_chunk: int,
 ) -> tuple[jax.Array, jax.Array]:
-    """Per-row NLL sums and target counts without materialising full logits.
+    """Per-row NLL sums and target counts, computing fp32 logits ``token_chunk`` positions at a
+    time so that ``[batch, seq, vocab]`` logits never exist at once.
 
-    ``h: [B, T, D]`` final-normed hidden states; ``w_out: [D, V]``; ``tokens: int32[B, T]``;
-    ``ignore_id < 0`` counts every target. Returns ``(float32[B], float32[B])``.
+    ``h: [B, T, D]`` final-normed hidden states; ``w_out``: the embedding ``[V, D]`` when
+    ``tied``, else the LM head kernel ``[D, V]``, used in place (never transposed);
+    ``tokens: int32[B, T]``; ``ignore_id < 0``
+    counts every target. Returns ``(float32[B], float32[B])``.
     """
-    h = h[:, :-1]
-    targets = tokens[:, 1:]
-    d, v = w_out.shape
-    n_chunks = math.ceil(v / vocab_chunk)
-    w = jnp.pad(w_out, ((0, 0), (0, n_chunks * vocab_chunk - v)))
-    w = w.reshape(d, n_chunks, vocab_chunk).transpose(1, 0, 2)
-    offsets = jnp.arange(n_chunks, dtype=jnp.int32) * vocab_chunk
-    b, t = targets.shape
+    b, t, d = h.shape
+    targets = tokens[:, 1:].reshape(-1)
+    n = b * (t - 1)
+    token_chunk = min(token_chunk, n)
+    chunks = math.ceil(n / token_chunk)
+    pad = chunks * token_chunk - n
+    hs = jnp.pad(h[:, :-1].reshape(n, d), ((0, pad), (0, 0))).reshape(chunks, token_chunk, d)
+    ts = jnp.pad(targets, (0, pad)).reshape(chunks, token_chunk)
+    contract = 1 if tied else 0
 
-    def body(carry, chunk):
-        run_max, run_sum, target_logit = carry
-        w_c, offset = chunk
-        logits = jnp.einsum("btd,dv->btv", h, w_c, preferred_element_type=jnp.float32)
-        cols = offset + jnp.arange(vocab_chunk, dtype=jnp.int32)
-        logits = jnp.where(cols < v, logits, -jnp.inf)
-        new_max = jnp.maximum(run_max, logits.max(axis=-1))
-        run_sum = run_sum * jnp.exp(run_max - new_max) + jnp.exp(logits - new_max[..., None]).sum(
-            axis=-1
+    def body(_, chunk):
+        h_c, t_c = chunk
+        logits = jax.lax.dot_general(
+            h_c, w_out, (((1,), (contract,)), ((), ())), preferred_element_type=jnp.float32
         )
-        hit = targets[..., None] == cols
-        target_logit = target_logit + jnp.where(hit, logits, 0.0).sum(axis=-1)
-        return (new_max, run_sum, target_logit), None
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        return None, lse - jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
 
-    init = (
-        jnp.full((b, t), -jnp.inf, jnp.float32),
-        jnp.zeros((b, t), jnp.float32),
-        jnp.zeros((b, t), jnp.float32),
-    )
-    (run_max, run_sum, target_logit), _ = jax.lax.scan(body, init, (w, offsets))
-    nll = run_max + jnp.log(run_sum) - target_logit
-    counted = (targets != ignore_id).astype(jnp.float32)
+    _, nll = jax.lax.scan(body, None, (hs, ts))
+    nll = nll.reshape(-1)[:n].reshape(b, t - 1)
+    counted = (tokens[:, 1:] != ignore_id).astype(jnp.float32)
     return (nll * counted).sum(axis=1), counted.sum(axis=1)
+
+
+def _output_weight(model: CausalLM) -> tuple[jax.Array, bool]:
+    """The LM head weight as stored (embedding ``[V, D]`` if tied, else ``[D, V]``), and tied."""
+    if model.lm_head is None:
+        return model.model.embed_tokens.embedding[...], True
+    return model.lm_head.kernel[...], False
 
 
 @dataclass
@@ -108,7 +115,7 @@ class Scorer:
         ignore_id: int | None,
         batch_size: int = 1,
         mesh: Mesh | None = None,
-        vocab_chunk: int = 8192,
+        token_chunk: int = 512,
         mode: str = "layer",
     ):
         if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] < 2:
@@ -124,7 +131,7 @@ class Scorer:
         self.batch_size = batch_size
         self.mode = mode
         self.ignore_id = -1 if ignore_id is None else int(ignore_id)
-        self.vocab_chunk = vocab_chunk
+        self.token_chunk = token_chunk
         padded = math.ceil(self.rows / batch_size) * batch_size
         rows = np.zeros((padded, self.seq_len), np.int32)
         rows[: self.rows] = tokens
@@ -133,17 +140,18 @@ class Scorer:
             jax.device_put(rows[i : i + batch_size], sharding) for i in range(0, padded, batch_size)
         ]
         self.compiles = CompileCounter()
-        self._rope: tuple[jax.Array, jax.Array] | None = None
+        self._split = None
         self._build_jitted()
 
     def _build_jitted(self) -> None:
-        counter, ignore_id, chunk = self.compiles, self.ignore_id, self.vocab_chunk
+        counter, ignore_id, chunk = self.compiles, self.ignore_id, self.token_chunk
 
         def whole(graphdef, state, masks, tokens):
             counter.hit()
             model = nnx.merge(graphdef, state)
-            h = model.hidden_states(tokens, masks)
-            return head_nll(h, model.output_embedding(), tokens, ignore_id, chunk)
+            return head_nll(
+                model.hidden_states(tokens, masks), *_output_weight(model), tokens, ignore_id, chunk
+            )
 
         def embed(graphdef, state, tokens):
             counter.hit()
@@ -153,15 +161,26 @@ class Scorer:
             counter.hit()
             return nnx.merge(graphdef, state)(h, cos, sin, masks)
 
-        def head(graphdef, state, tied, w_out, h, tokens):
+        def head(graphdef, tied, state, w_out, h, tokens):
             counter.hit()
             h = nnx.merge(graphdef, state)(h)
-            return head_nll(h, w_out.T if tied else w_out, tokens, ignore_id, chunk)
+            return head_nll(h, w_out, tied, tokens, ignore_id, chunk)
 
         self._whole = jax.jit(whole, static_argnums=0)
-        self._embed = jax.jit(embed, static_argnums=0)
-        self._layer = jax.jit(layer, static_argnums=0)
-        self._head = jax.jit(head, static_argnums=(0, 2))
+        self._impl = {"embed": embed, "layer": layer, "head": head}
+        self._programs: dict = {}
+
+    def _program(self, kind: str, graphdef, *static) -> Callable:
+        """The jitted ``kind`` function bound to its graph, one per distinct graph, so that
+        per-call dispatch never hashes a graph (host work that rivals a small layer). Graphs are
+        matched by equality: equal NNX graphs can hash differently (metadata order)."""
+        programs = self._programs.setdefault((kind, *static), [])
+        for known, program in programs:
+            if known == graphdef:
+                return program
+        program = jax.jit(functools.partial(self._impl[kind], graphdef, *static))
+        programs.append((graphdef, program))
+        return program
 
     def _rope_tables(self, model: CausalLM) -> tuple[jax.Array, jax.Array]:
         cos, sin = model.rope_tables(self.seq_len)
@@ -197,27 +216,36 @@ class Scorer:
     # -- layer mode ---------------------------------------------------------------------------
 
     def _parts(self, model: CausalLM):
-        embed = nnx.split(model.model.embed_tokens)
-        layers = [nnx.split(layer) for layer in model.model.layers]
-        tied = model.lm_head is None
-        w_out = model.model.embed_tokens.embedding if tied else model.lm_head.kernel
-        head = (*nnx.split(model.model.norm), tied, w_out[...])
-        return embed, layers, head
+        """Jitted programs with their states for the embedding, each layer and the head, kept
+        for the last model (the search scores one model many times)."""
+        if self._split is not None and self._split[0] is model:
+            return self._split[1]
+        graphdef, state = nnx.split(model.model.embed_tokens)
+        embed = (self._program("embed", graphdef), state)
+        layers = []
+        for layer in model.model.layers:
+            graphdef, state = nnx.split(layer)
+            layers.append((self._program("layer", graphdef), state))
+        w_out, tied = _output_weight(model)
+        graphdef, state = nnx.split(model.model.norm)
+        head = (self._program("head", graphdef, tied), state, w_out)
+        self._split = (model, (embed, layers, head), self._rope_tables(model))
+        return self._split[1]
 
     def prefix_cache(self, model: CausalLM) -> PrefixCache:
         """Run the current (unmasked) model once and keep every layer's input, per batch."""
         if self.mode != "layer":
             raise ValueError("prefix caching needs scoring mode 'layer'")
         embed, layers, _ = self._parts(model)
-        cos, sin = self._rope_tables(model)
+        cos, sin = self._split[2]
         ones = masks_lib.ones(model.spec)
         inputs = []
         for tokens in self.batches:
-            h = self._embed(*embed, tokens)
+            h = embed[0](embed[1], tokens)
             per_layer = []
-            for i, (graphdef, state) in enumerate(layers):
+            for i, (program, state) in enumerate(layers):
                 per_layer.append(h)
-                h = self._layer(graphdef, state, h, cos, sin, ones.layer(i))
+                h = program(state, h, cos, sin, ones.layer(i))
             inputs.append(per_layer)
         return PrefixCache(inputs)
 
@@ -225,12 +253,14 @@ class Scorer:
         if start and cache is None:
             raise ValueError("scoring from a layer > 0 needs a prefix cache")
         embed, layers, head = self._parts(model)
-        cos, sin = self._rope_tables(model)
+        cos, sin = self._split[2]
         layer_masks = [LayerMasks(*row) for row in zip(*masks, strict=True)]
         outs = []
         for b, tokens in enumerate(self.batches):
-            h = cache.inputs[b][start] if start else self._embed(*embed, tokens)
+            h = cache.inputs[b][start] if start else embed[0](embed[1], tokens)
             for i in range(start, len(layers)):
-                h = self._layer(*layers[i], h, cos, sin, layer_masks[i])
-            outs.append(self._head(*head, h, tokens))
+                program, state = layers[i]
+                h = program(state, h, cos, sin, layer_masks[i])
+            program, state, w_out = head
+            outs.append(program(state, w_out, h, tokens))
         return outs

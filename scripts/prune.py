@@ -36,7 +36,7 @@ flags.DEFINE_string("mesh_shape", _D.mesh_shape, "'data,model' device mesh; defa
 flags.DEFINE_integer("batch_size", _D.batch_size, "Rows per scoring batch; 0 = one per device.")
 flags.DEFINE_enum("scoring_mode", _D.scoring_mode, ["layer", "model"], "Per-layer or whole jit.")
 flags.DEFINE_bool("prefix_cache", _D.prefix_cache, "Reuse layer inputs below a candidate.")
-flags.DEFINE_integer("vocab_chunk", _D.vocab_chunk, "Vocabulary chunk of the cross-entropy.")
+flags.DEFINE_integer("token_chunk", _D.token_chunk, "Positions per fp32 logits chunk.")
 flags.DEFINE_bool("resume", _D.resume, "Continue the search saved in --output_path.")
 flags.DEFINE_string("eval_dataset", _D.eval_dataset, "Perplexity set reported before/after.")
 flags.DEFINE_integer("eval_windows", _D.eval_windows, "Evaluation rows: 0 none, -1 all.")
