@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 
 from models.decoder import CausalLM
 from models.spec import ModelSpec
-from multipruner_jax import checkpoint, hf_io, surgery
+from multipruner_jax import checkpoint, export, hf_io, surgery
 from multipruner_jax import mesh as mesh_lib
 from multipruner_jax.scoring import Scorer
 
@@ -36,10 +36,10 @@ def load_tokenizer(path: str):
 def load_model(
     path: str, dtype: jnp.dtype = jnp.float32, sharding_for: ShardingFor | None = None
 ) -> CausalLM:
-    """A model from an HF directory or from one of our pruned checkpoints."""
+    """A model from an HF directory (dense, or a compact export) or one of our checkpoints."""
     if checkpoint.is_checkpoint(path):
         return checkpoint.restore(path, dtype, sharding_for)
-    return hf_io.load_model(path, dtype, sharding_for)
+    return export.load_model(path, dtype, sharding_for)
 
 
 def evaluate_perplexity(

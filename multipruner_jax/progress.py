@@ -47,7 +47,7 @@ class ConsoleProgress(Progress):
         if self.live:
             self.stream.write("\r\033[K")
         print(
-            f"[{record.stage}] step {record.step}: removed {record.kind} of layer {record.layer} "
+            f"[{record.stage}] step {record.step}: removed {record.candidate.describe()} "
             f"-> ppl {record.ppl:.4f}, ratio {record.ratio:.2f}% (target {record.target:.2f}%), "
             f"{record.candidates} candidates in {record.seconds:.1f}s, {record.compiles} compiles",
             file=self.stream,

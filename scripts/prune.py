@@ -58,11 +58,13 @@ def main(argv):
     )
     try:
         pipeline.check_options(opts)
+        flag_lines = [FLAGS[n].serialize() for n in names if FLAGS[n].value is not None]
+        checkpoint.write_text(
+            os.path.join(opts.output_path, "flags.txt"), "\n".join(flag_lines) + "\n"
+        )
+        pipeline.run(opts)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    flag_lines = [FLAGS[n].serialize() for n in names if FLAGS[n].value is not None]
-    checkpoint.write_text(os.path.join(opts.output_path, "flags.txt"), "\n".join(flag_lines) + "\n")
-    pipeline.run(opts)
 
 
 if __name__ == "__main__":

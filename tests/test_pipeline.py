@@ -13,7 +13,7 @@ import pytest
 import tiny_models
 from flax import nnx
 
-from multipruner_jax import assets, checkpoint, data, pipeline, search
+from multipruner_jax import assets, checkpoint, data, evaluation, export, pipeline, search
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -212,3 +212,16 @@ def test_script_writes_reusable_flags_and_reports_errors(model_dir, tmp_path):
         json.loads((tmp_path / "out" / "search_state.json").read_text())
     )
     assert state.steps
+
+
+def test_evaluate_reads_checkpoints_and_exports_alike(searched, tmp_path):
+    out, summary = searched
+    ckpt = evaluation.evaluate(str(out / "checkpoint"), seqlen=32, windows=3, mesh_shape=(1, 1))
+    assert ckpt["params"] == summary["pruned_params"] and ckpt["rows"] == 3
+    assert 1.0 < ckpt["perplexity"] < float("inf")
+    for fmt in export.FORMATS:
+        export.export_checkpoint(str(out / "checkpoint"), str(tmp_path / fmt), fmt=fmt)
+        exported = evaluation.evaluate(str(tmp_path / fmt), seqlen=32, windows=3, mesh_shape=(1, 1))
+        assert exported["perplexity"] == pytest.approx(ckpt["perplexity"], rel=1e-5)
+    with pytest.raises(ValueError, match="windows"):
+        evaluation.evaluate(str(out / "checkpoint"), windows=-1)

@@ -94,6 +94,10 @@ def test_many_masks_compile_once_per_parameter_shape(mode):
             seen.add(round(scorer.perplexity(model, masks), 6))
     assert len(seen) > 10  # the masks really changed the scores
     assert scorer.compiles.count == first
+    if mode == "model":
+        assert scorer._whole._cache_size() == 1
+    else:
+        assert sum(p._cache_size() for ps in scorer._programs.values() for _, p in ps) == 3
     smaller = surgery.shrink(
         model,
         model.spec.replace_layers(

@@ -10,7 +10,7 @@ import pytest
 import tiny_models
 
 from models import masks as masks_lib
-from models.spec import LayerSpec, spec_from_hf_config
+from models.spec import LayerSpec, ModelSpec, spec_from_hf_config
 from multipruner_jax import pruning_config, surgery
 
 LLAMA2_7B = dict(
@@ -189,3 +189,12 @@ def test_pruning_config_errors(change, message):
     config.update(change)
     with pytest.raises(pruning_config.PruningConfigError, match=message):
         pruning_config.apply(dense, config)
+
+
+@pytest.mark.parametrize("family", list(tiny_models.FAMILIES))
+def test_spec_json_round_trip(family):
+    spec = tiny_models.spec(family)
+    layers = list(spec.layers)
+    layers[2] = dataclasses.replace(layers[2], has_attn=False, mlp_width=17)
+    pruned = spec.replace_layers(layers)
+    assert ModelSpec.from_json(pruned.to_json()) == pruned

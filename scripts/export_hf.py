@@ -1,0 +1,49 @@
+"""Export a pruned checkpoint to a PyTorch HF directory.
+
+``python scripts/export_hf.py --checkpoint=OUT/checkpoint --out=DIR [--format=padded|compact]``
+
+``padded`` loads in stock transformers (dense shapes, pruned units zero); ``compact`` has the
+pruned shapes plus ``pruning_config.json`` (the reference's extract format; our loader reads it,
+stock transformers cannot).
+"""
+
+import os
+import sys
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from multipruner_jax import export  # noqa: E402
+
+flags.DEFINE_string(
+    "checkpoint", None, "Pruned checkpoint directory (from prune.py).", required=True
+)
+flags.DEFINE_string("out", None, "Output HF directory.", required=True)
+flags.DEFINE_enum("format", "padded", list(export.FORMATS), "padded: stock HF; compact: pruned.")
+flags.DEFINE_enum("dtype", "float32", list(export.DTYPES), "Tensor dtype in the files.")
+flags.DEFINE_float("max_shard_gb", export.DEFAULT_MAX_SHARD_BYTES / 1e9, "Shard size (1e9 B).")
+flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out.")
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        export.export_checkpoint(
+            FLAGS.checkpoint,
+            FLAGS.out,
+            fmt=FLAGS.format,
+            dtype=FLAGS.dtype,
+            max_shard_bytes=int(FLAGS.max_shard_gb * 1e9),
+            overwrite=FLAGS.overwrite,
+        )
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {FLAGS.format} {FLAGS.dtype} HF model to {FLAGS.out}")
+
+
+if __name__ == "__main__":
+    app.run(main)
