@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models import rope
+from models import attention, rope
 from models.masks import LayerMasks, Masks
 from models.spec import LayerSpec, ModelSpec
 
@@ -66,10 +66,7 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
-        window = None
-        if self.sliding_window is not None and t > self.sliding_window:
-            window = (self.sliding_window - 1, 0)
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window)
+        out = attention.causal_attention(q, k, v, self.sliding_window)
         if kv_mask is not None:
             head_mask = jnp.repeat(kv_mask[: self.kv_groups], self.q_per_kv).astype(out.dtype)
             out = out * head_mask[None, None, :, None]
