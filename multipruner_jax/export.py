@@ -231,13 +231,6 @@ def _plan_shards(tensors: list[_Tensor], dtype: np.dtype, max_bytes: int) -> lis
     return shards
 
 
-def _write_json(path: str, obj: Any) -> None:
-    """Plain write: files are only ever written inside the staging directory."""
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-
-
 def _write_weights(
     folder: str, tensors: list[_Tensor], dtype_name: str, max_shard_bytes: int
 ) -> None:
@@ -253,7 +246,7 @@ def _write_weights(
         _write_safetensors(os.path.join(folder, file), shard, dtype_name)
         weight_map.update({t.name: file for t in shard})
     total = sum(t.nbytes(dtype) for t in tensors)
-    _write_json(
+    checkpoint.write_json(
         os.path.join(folder, hf_io.INDEX_FILE),
         {"metadata": {"total_size": total}, "weight_map": weight_map},
     )
@@ -414,7 +407,7 @@ def export(
         _save_tokenizer(tmp, tokenizer)
         _write_weights(tmp, _tensors(model, fmt), dtype, max_shard_bytes)
         for name, obj in {CONFIG_FILE: hf_cfg, **extra}.items():
-            _write_json(os.path.join(tmp, name), obj)
+            checkpoint.write_json(os.path.join(tmp, name), obj)
 
 
 def export_checkpoint(
