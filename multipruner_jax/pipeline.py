@@ -28,7 +28,7 @@ from multipruner_jax import checkpoint, data, hf_io, model_source, pruning_confi
 from multipruner_jax import mesh as mesh_lib
 from multipruner_jax.evaluation import evaluate_perplexity, load_tokenizer
 from multipruner_jax.progress import ConsoleProgress, summary_table
-from multipruner_jax.scoring import MODES, Scorer
+from multipruner_jax.scoring import MODES, Scorer, prefix_cache_bytes
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 STATE_FILE = "search_state.json"
@@ -83,8 +83,6 @@ def check_options(opts: PruneOptions) -> tuple[ModelSpec, search.Settings | None
         raise ValueError(f"--dtype={opts.dtype!r}: expected one of {', '.join(DTYPES)}")
     if opts.scoring_mode not in MODES:
         raise ValueError(f"--scoring_mode={opts.scoring_mode!r}: expected one of {MODES}")
-    if opts.prefix_cache and opts.scoring_mode != "layer":
-        raise ValueError("--prefix_cache needs --scoring_mode=layer")
     if opts.seqlen < 2:
         raise ValueError(f"--seqlen={opts.seqlen}: expected at least 2 tokens")
     for name in ("num_calibration_samples_block", "num_calibration_samples_width"):
@@ -247,6 +245,9 @@ def run(opts: PruneOptions) -> dict[str, Any]:
             )
             for name, tokens in (("block", block_tokens), ("width", width_tokens))
         }
+        settings = dataclasses.replace(
+            settings, prefix_cache=_use_prefix_cache(opts, dense, block_tokens, mesh)
+        )
         outputs = _Outputs(opts, dense, settings)
         model, state = search.search(
             model,
@@ -278,6 +279,26 @@ def run(opts: PruneOptions) -> dict[str, Any]:
         _say(opts, summary_table(steps))
     _say(opts, format_summary(summary))
     return summary
+
+
+def _free_device_bytes() -> int:
+    """Free memory of the first local device (accelerators), or available host RAM (CPU)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _use_prefix_cache(opts: PruneOptions, dense: ModelSpec, rows, mesh) -> bool:
+    """Prefix caching if asked for, in layer mode, and its activations fit half the free memory."""
+    if not opts.prefix_cache or opts.scoring_mode != "layer":
+        return False
+    need = prefix_cache_bytes(dense, rows.shape[0], opts.seqlen, DTYPES[opts.dtype])
+    need //= mesh.shape["data"]
+    fits = need <= _free_device_bytes() // 2
+    if not fits:
+        _say(opts, f"prefix cache off: {need / 2**30:.1f} GiB of activations per device won't fit")
+    return fits
 
 
 def _eval_tokens(opts: PruneOptions, tokenizer):

@@ -32,6 +32,7 @@ from jax.sharding import Mesh
 from models import masks as masks_lib
 from models.decoder import CausalLM
 from models.masks import LayerMasks, Masks
+from models.spec import ModelSpec
 from multipruner_jax import mesh as mesh_lib
 
 MODES = ("layer", "model")
@@ -92,6 +93,11 @@ def _output_weight(model: CausalLM) -> tuple[jax.Array, bool]:
     if model.lm_head is None:
         return model.model.embed_tokens.embedding[...], True
     return model.lm_head.kernel[...], False
+
+
+def prefix_cache_bytes(spec: ModelSpec, rows: int, seq_len: int, dtype: jnp.dtype) -> int:
+    """Bytes a ``PrefixCache`` holds: every layer's input for every row."""
+    return rows * seq_len * spec.hidden_size * spec.num_layers * jnp.dtype(dtype).itemsize
 
 
 @dataclass

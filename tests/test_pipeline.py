@@ -14,6 +14,7 @@ import tiny_models
 from flax import nnx
 
 from multipruner_jax import assets, checkpoint, data, evaluation, export, pipeline, search
+from multipruner_jax import mesh as mesh_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -225,3 +226,20 @@ def test_evaluate_reads_checkpoints_and_exports_alike(searched, tmp_path):
         assert exported["perplexity"] == pytest.approx(ckpt["perplexity"], rel=1e-5)
     with pytest.raises(ValueError, match="windows"):
         evaluation.evaluate(str(out / "checkpoint"), windows=-1)
+
+
+def test_prefix_cache_only_when_it_fits(model_dir, tmp_path, monkeypatch):
+    dense = pipeline.check_options(_opts(model_dir, tmp_path))[0]
+    rows = np.zeros((4, 32), np.int32)
+    mesh = mesh_lib.make_mesh((2, 1))
+    need = 4 * 32 * dense.hidden_size * dense.num_layers * 4 // 2  # per data device, fp32
+    monkeypatch.setattr(pipeline, "_free_device_bytes", lambda: 2 * need)
+    assert pipeline._use_prefix_cache(_opts(model_dir, tmp_path), dense, rows, mesh)
+    monkeypatch.setattr(pipeline, "_free_device_bytes", lambda: 2 * need - 2)
+    assert not pipeline._use_prefix_cache(_opts(model_dir, tmp_path), dense, rows, mesh)
+    monkeypatch.setattr(pipeline, "_free_device_bytes", lambda: 10**12)
+    model_mode = _opts(model_dir, tmp_path, scoring_mode="model")
+    assert not pipeline._use_prefix_cache(model_mode, dense, rows, mesh)
+    assert not pipeline._use_prefix_cache(
+        _opts(model_dir, tmp_path, prefix_cache=False), dense, rows, mesh
+    )
