@@ -25,7 +25,9 @@ test: assets
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
 	  $(BIN)/python -m pytest tests
 
+# The demo starts afresh each time (its output folder is replaced).
 demo: assets
+	rm -rf out/smollm2_135m_demo
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
 	  $(BIN)/python scripts/prune.py --flagfile=configs/smollm2_135m_demo.flags
 
