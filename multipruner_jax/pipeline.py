@@ -32,7 +32,6 @@ from multipruner_jax.scoring import MODES, Scorer, prefix_cache_bytes
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 STATE_FILE = "search_state.json"
-STAGE_FILE_NAMES = {"block": "block", "mlp_width": "mlp_width", "attn_head": "attn_head"}
 
 
 @dataclass(frozen=True)
@@ -146,7 +145,7 @@ class _Outputs:
             return
         out = self.opts.output_path
         last = state.steps[-1]
-        name = f"config.{STAGE_FILE_NAMES[last.stage]}.{last.step}.json"
+        name = f"config.{last.stage}.{last.step}.json"
         config_path = os.path.join(out, "pruned_model_configs", name)
         checkpoint.write_json(config_path, self.config(state))
         log = [
