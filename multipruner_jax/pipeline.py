@@ -180,9 +180,14 @@ def _load_state(opts: PruneOptions) -> search.SearchState:
     return search.SearchState.from_dict(saved)
 
 
-def run(opts: PruneOptions) -> dict[str, Any]:
-    """Run the prune job; returns a summary (parameter counts, ratio, perplexities, paths)."""
+def run(opts: PruneOptions, flags_text: str | None = None) -> dict[str, Any]:
+    """Run the prune job; returns a summary (parameter counts, ratio, perplexities, paths).
+
+    ``flags_text`` (the effective flags) is written to ``flags.txt`` once the options check out.
+    """
     dense, settings = check_options(opts)
+    if flags_text is not None and jax.process_index() == 0:
+        checkpoint.write_text(os.path.join(opts.output_path, "flags.txt"), flags_text)
     t0 = time.perf_counter()
     model_dir = model_source.resolve(opts.model_path)
     mesh = mesh_lib.make_mesh(mesh_lib.parse_mesh_shape(opts.mesh_shape))

@@ -7,7 +7,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from multipruner_jax import checkpoint, mesh, pipeline  # noqa: E402
+from multipruner_jax import mesh, pipeline  # noqa: E402
 
 _D = pipeline.PruneOptions
 flags.DEFINE_string("model_path", None, "HF model directory or Hub id.", required=True)
@@ -56,13 +56,9 @@ def main(argv):
     opts = pipeline.PruneOptions(
         **{n: FLAGS[n].value for n in names if n in pipeline.PruneOptions.__dataclass_fields__}
     )
+    flag_lines = [FLAGS[n].serialize() for n in names if FLAGS[n].value is not None]
     try:
-        pipeline.check_options(opts)
-        flag_lines = [FLAGS[n].serialize() for n in names if FLAGS[n].value is not None]
-        checkpoint.write_text(
-            os.path.join(opts.output_path, "flags.txt"), "\n".join(flag_lines) + "\n"
-        )
-        pipeline.run(opts)
+        pipeline.run(opts, flags_text="\n".join(flag_lines) + "\n")
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 
