@@ -55,9 +55,13 @@ def test_search_reaches_each_stage_target_deterministically(family):
     targets = dict(zip(search.STAGES, settings.stage_targets(), strict=True))
     for stage in search.STAGES:
         steps = [s for s in state.steps if s.stage == stage]
-        if steps:  # a stage overshoots its target by at most one step
+        if steps:  # a stage stops at its target (or when out of candidates), one step past it
             before_last = steps[-2].ratio if len(steps) > 1 else -1.0
-            assert before_last < targets[stage] <= steps[-1].ratio or stage != "block"
+            assert before_last < targets[stage]
+            after = search.SearchState(state.steps[: steps[-1].step + 1]).spec(dense, settings)
+            assert targets[stage] <= steps[-1].ratio or not search.candidates(
+                stage, after, settings
+            )
     assert {s.stage for s in state.steps} >= {"block", "mlp_width"}
     _, _, again, _ = _run(family, settings)
     assert _decisions(again) == _decisions(state)
