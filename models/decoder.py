@@ -31,20 +31,20 @@ class RMSNorm(nnx.Module):
         return self.weight[...] * (x32 * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
 
 
-def _linear(din: int, dout: int, bias: bool, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Linear:
+def _linear(din: int, dout: int, bias: bool, dtype: jnp.dtype, *, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
 
 class Attention(nnx.Module):
     """Grouped-query attention over ``kv_groups`` KV heads, each with ``q_per_kv`` query heads."""
 
-    def __init__(self, spec: ModelSpec, kv_groups: int, dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, spec: ModelSpec, kv_groups: int, dtype: jnp.dtype, *, rngs: nnx.Rngs):
         d, hd = spec.hidden_size, spec.head_dim
         n_q = kv_groups * spec.q_per_kv
-        self.q_proj = _linear(d, n_q * hd, spec.qkv_bias, dtype, rngs)
-        self.k_proj = _linear(d, kv_groups * hd, spec.qkv_bias, dtype, rngs)
-        self.v_proj = _linear(d, kv_groups * hd, spec.qkv_bias, dtype, rngs)
-        self.o_proj = _linear(n_q * hd, d, spec.o_bias, dtype, rngs)
+        self.q_proj = _linear(d, n_q * hd, spec.qkv_bias, dtype, rngs=rngs)
+        self.k_proj = _linear(d, kv_groups * hd, spec.qkv_bias, dtype, rngs=rngs)
+        self.v_proj = _linear(d, kv_groups * hd, spec.qkv_bias, dtype, rngs=rngs)
+        self.o_proj = _linear(n_q * hd, d, spec.o_bias, dtype, rngs=rngs)
         if spec.qk_norm:
             self.q_norm = RMSNorm(hd, spec.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(hd, spec.rms_norm_eps, dtype)
@@ -65,7 +65,7 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(b, t, -1, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
+        q, k = rope.rotate(q, cos, sin), rope.rotate(k, cos, sin)
         out = attention.causal_attention(q, k, v, self.sliding_window)
         if kv_mask is not None:
             head_mask = jnp.repeat(kv_mask[: self.kv_groups], self.q_per_kv).astype(out.dtype)
@@ -76,11 +76,11 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU MLP of ``width`` intermediate channels."""
 
-    def __init__(self, spec: ModelSpec, width: int, dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, spec: ModelSpec, width: int, dtype: jnp.dtype, *, rngs: nnx.Rngs):
         d = spec.hidden_size
-        self.gate_proj = _linear(d, width, False, dtype, rngs)
-        self.up_proj = _linear(d, width, False, dtype, rngs)
-        self.down_proj = _linear(width, d, False, dtype, rngs)
+        self.gate_proj = _linear(d, width, False, dtype, rngs=rngs)
+        self.up_proj = _linear(d, width, False, dtype, rngs=rngs)
+        self.down_proj = _linear(width, d, False, dtype, rngs=rngs)
         self.width = width
 
     def __call__(self, x: jax.Array, channel_mask: jax.Array | None = None) -> jax.Array:
@@ -94,12 +94,14 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
     """Pre-norm residual layer; a removed block is ``None`` and its norm is kept (as in HF)."""
 
-    def __init__(self, spec: ModelSpec, layer: LayerSpec, dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, spec: ModelSpec, layer: LayerSpec, dtype: jnp.dtype, *, rngs: nnx.Rngs):
         d, eps = spec.hidden_size, spec.rms_norm_eps
         self.input_layernorm = RMSNorm(d, eps, dtype)
         self.post_attention_layernorm = RMSNorm(d, eps, dtype)
-        self.self_attn = Attention(spec, layer.kv_groups, dtype, rngs) if layer.has_attn else None
-        self.mlp = MLP(spec, layer.mlp_width, dtype, rngs) if layer.has_mlp else None
+        self.self_attn = (
+            Attention(spec, layer.kv_groups, dtype, rngs=rngs) if layer.has_attn else None
+        )
+        self.mlp = MLP(spec, layer.mlp_width, dtype, rngs=rngs) if layer.has_mlp else None
 
     def __call__(
         self, x: jax.Array, cos: jax.Array, sin: jax.Array, masks: LayerMasks | None = None
@@ -121,11 +123,13 @@ class DecoderLayer(nnx.Module):
 class DecoderModel(nnx.Module):
     """``model.*`` of an HF causal LM: embeddings, layers and the final norm."""
 
-    def __init__(self, spec: ModelSpec, dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, spec: ModelSpec, dtype: jnp.dtype, *, rngs: nnx.Rngs):
         self.embed_tokens = nnx.Embed(
             spec.vocab_size, spec.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs
         )
-        self.layers = nnx.List([DecoderLayer(spec, layer, dtype, rngs) for layer in spec.layers])
+        self.layers = nnx.List(
+            [DecoderLayer(spec, layer, dtype, rngs=rngs) for layer in spec.layers]
+        )
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
 
 
@@ -134,11 +138,11 @@ class CausalLM(nnx.Module):
 
     def __init__(self, spec: ModelSpec, dtype: jnp.dtype = jnp.float32, *, rngs: nnx.Rngs):
         self.spec = spec
-        self.model = DecoderModel(spec, dtype, rngs)
+        self.model = DecoderModel(spec, dtype, rngs=rngs)
         self.lm_head = (
             None
             if spec.tie_word_embeddings
-            else _linear(spec.hidden_size, spec.vocab_size, False, dtype, rngs)
+            else _linear(spec.hidden_size, spec.vocab_size, False, dtype, rngs=rngs)
         )
 
     def rope_tables(self, seq_len: int) -> tuple[jax.Array, jax.Array]:

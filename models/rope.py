@@ -39,7 +39,7 @@ def cos_sin(rope: RopeSpec, head_dim: int, seq_len: int) -> tuple[jnp.ndarray, j
     return jnp.asarray(np.cos(emb), jnp.float32), jnp.asarray(np.sin(emb), jnp.float32)
 
 
-def apply(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
+def rotate(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
     """Rotate ``x: [batch, seq, heads, head_dim]`` in fp32; returns ``x``'s dtype."""
     x32 = x.astype(jnp.float32)
     half = x.shape[-1] // 2

@@ -1,4 +1,4 @@
-"""Model and per-layer shape specification, HF ``config.json`` parsing and a JSON round trip.
+"""Model and per-layer shape specification: HF ``config.json`` both ways, JSON, parameter counts.
 
 A ``ModelSpec`` says everything needed to build a decoder: the family-wide constants (vocabulary,
 hidden size, rope, norms, biases) and, per layer, what survives pruning: whether the attention and
@@ -14,6 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -182,6 +188,77 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
     )
 
 
+def dense_spec(spec: ModelSpec) -> ModelSpec:
+    """The unpruned model ``spec`` was cut from: every block, all KV groups and channels."""
+    full = LayerSpec(True, spec.num_key_value_heads, True, spec.intermediate_size)
+    return spec.replace_layers([full] * spec.num_layers)
+
+
+def _rope_parameters(rope: RopeSpec) -> dict[str, Any]:
+    params: dict[str, Any] = {"rope_type": rope.rope_type, "rope_theta": rope.theta}
+    if rope.rope_type in ("linear", "llama3"):
+        params["factor"] = rope.factor
+    if rope.rope_type == "llama3":
+        params["low_freq_factor"] = rope.low_freq_factor
+        params["high_freq_factor"] = rope.high_freq_factor
+        params["original_max_position_embeddings"] = rope.original_max_position_embeddings
+    return params
+
+
+def _family_fields(spec: ModelSpec) -> dict[str, Any]:
+    """The keys that differ between llama, mistral, qwen2 and qwen3 configs."""
+    if spec.model_type == "llama":
+        return {"attention_bias": spec.qkv_bias, "mlp_bias": False, "pretraining_tp": 1}
+    if spec.model_type == "mistral":
+        return {"sliding_window": spec.sliding_window}
+    sliding = spec.sliding_window is not None
+    fields: dict[str, Any] = {
+        "use_sliding_window": sliding,
+        "sliding_window": spec.sliding_window,
+        # Our decoder applies the window to every layer, so every layer is a window layer.
+        "max_window_layers": 0 if sliding else spec.num_layers,
+        "layer_types": [("sliding_attention" if sliding else "full_attention")] * spec.num_layers,
+    }
+    if spec.model_type == "qwen3":
+        fields["attention_bias"] = spec.qkv_bias
+    return fields
+
+
+def spec_to_hf_config(spec: ModelSpec, dtype: str = "float32") -> dict[str, Any]:
+    """The dense transformers-5 ``config.json`` dict of ``spec``'s family and dimensions.
+
+    The inverse of ``spec_from_hf_config`` up to the per-layer shapes (an HF config is dense).
+    Raises ``SpecError`` when the spec is not expressible in its family's config (for example
+    biases a Mistral model cannot have): the dict always reads back to ``dense_spec(spec)``.
+    """
+    cfg: dict[str, Any] = {
+        "architectures": [ARCHITECTURES[spec.model_type]],
+        "model_type": spec.model_type,
+        "vocab_size": spec.vocab_size,
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size,
+        "num_hidden_layers": spec.num_layers,
+        "num_attention_heads": spec.num_attention_heads,
+        "num_key_value_heads": spec.num_key_value_heads,
+        "head_dim": spec.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": spec.max_position_embeddings,
+        "rms_norm_eps": spec.rms_norm_eps,
+        "rope_parameters": _rope_parameters(spec.rope),
+        "tie_word_embeddings": spec.tie_word_embeddings,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "bos_token_id": spec.bos_token_id,
+        "eos_token_id": spec.eos_token_id,
+        "dtype": dtype,
+        **_family_fields(spec),
+    }
+    if spec_from_hf_config(cfg) != dense_spec(spec):
+        raise SpecError(f"this {spec.model_type} spec cannot be written as an HF config: {spec}")
+    return cfg
+
+
 def load_hf_config(path: str) -> ModelSpec:
     """Read ``path`` (a ``config.json`` file) into a dense ``ModelSpec``."""
     try:
@@ -192,3 +269,29 @@ def load_hf_config(path: str) -> ModelSpec:
     except json.JSONDecodeError as e:
         raise SpecError(f"{path}: not valid JSON ({e})") from None
     return spec_from_hf_config(cfg)
+
+
+def count_params(spec: ModelSpec) -> int:
+    """All parameters of ``spec``: embeddings, LM head (once if tied), norms (also those of
+    removed blocks, as the reference counts them), attention and MLP of surviving blocks."""
+    d, hd = spec.hidden_size, spec.head_dim
+    total = spec.vocab_size * d + d
+    if not spec.tie_word_embeddings:
+        total += spec.vocab_size * d
+    for layer in spec.layers:
+        total += 2 * d
+        if layer.has_attn:
+            q = layer.kv_groups * spec.q_per_kv * hd
+            kv = layer.kv_groups * hd
+            total += d * (q + 2 * kv) + q * d
+            total += (q + 2 * kv) if spec.qkv_bias else 0
+            total += d if spec.o_bias else 0
+            total += 2 * hd if spec.qk_norm else 0
+        if layer.has_mlp:
+            total += 3 * d * layer.mlp_width
+    return total
+
+
+def pruned_ratio(spec: ModelSpec, dense: ModelSpec) -> float:
+    """Percent of ``dense``'s parameters removed in ``spec``."""
+    return 100.0 * (1.0 - count_params(spec) / count_params(dense))

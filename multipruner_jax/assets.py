@@ -15,7 +15,6 @@ existing asset directory is always complete and preparing it again is a no-op.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
@@ -26,10 +25,12 @@ import subprocess
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from multipruner_jax import atomic
 
 ASSETS_ENV = "MULTIPRUNER_ASSETS"
 SMOLLM2_DIR = "smollm2-135m"
@@ -98,24 +99,9 @@ def _timed(what: str, final: Path, build: Callable[[Path], None]) -> str:
     if final.is_dir():
         return f"{what}: {final} already prepared"
     start = time.perf_counter()
-    with _atomic_dir(final) as tmp:
+    with atomic.directory(final) as tmp:
         build(tmp)
     return f"{what}: built {final} in {time.perf_counter() - start:.1f} s"
-
-
-@contextlib.contextmanager
-def _atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield an empty temporary directory that is renamed to ``final`` when the block succeeds."""
-    prefix = f".{final.name}.tmp-"
-    for stale in final.parent.glob(prefix + "*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
-    try:
-        yield tmp
-        tmp.chmod(0o755)
-        os.rename(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def gguf_path() -> Path:

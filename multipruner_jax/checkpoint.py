@@ -1,4 +1,4 @@
-"""Pruned-model checkpoints (orbax params + ``spec.json``) and atomic JSON files.
+"""Pruned-model checkpoints: orbax params + ``spec.json`` + the tokenizer.
 
 A checkpoint directory holds ``spec.json`` (the per-layer shapes, read first so the abstract model
 can be built) and ``params/`` (an orbax ``StandardCheckpointer`` tree). It is written under a
@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -22,34 +19,12 @@ from flax import nnx
 from models import decoder
 from models.decoder import CausalLM
 from models.spec import ModelSpec
+from multipruner_jax import atomic
+from multipruner_jax.mesh import ShardingFor
 
 SPEC_FILE = "spec.json"
 PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
-
-
-def write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temp file in the same folder, then rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def write_json(path: str, obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path`` atomically."""
-    write_text(path, json.dumps(obj, indent=1))
-
-
-def read_json(path: str) -> Any:
-    with open(path) as f:
-        return json.load(f)
 
 
 def is_checkpoint(path: str) -> bool:
@@ -60,26 +35,16 @@ def is_checkpoint(path: str) -> bool:
 
 def save(path: str, model: CausalLM, extra: dict[str, Any] | None = None, tokenizer=None) -> None:
     """Save ``model`` (params, spec, optional ``extra`` JSON files and tokenizer) atomically."""
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
-    try:
-        write_json(os.path.join(tmp, SPEC_FILE), model.spec.to_dict())
+    with atomic.directory(path) as tmp:
+        atomic.write_json(tmp / SPEC_FILE, model.spec.to_dict())
         for name, obj in (extra or {}).items():
-            write_json(os.path.join(tmp, name), obj)
+            atomic.write_json(tmp / name, obj)
         if tokenizer is not None:
-            tokenizer.save_pretrained(os.path.join(tmp, TOKENIZER_DIR))
+            tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
         checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(os.path.join(tmp, PARAMS_DIR), nnx.to_pure_dict(nnx.state(model)))
+        checkpointer.save(tmp / PARAMS_DIR, nnx.to_pure_dict(nnx.state(model)))
         checkpointer.wait_until_finished()
         checkpointer.close()
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_spec(path: str) -> ModelSpec:
@@ -94,7 +59,7 @@ def load_spec(path: str) -> ModelSpec:
 def restore(
     path: str,
     dtype: jnp.dtype | None = None,
-    sharding_for: Callable[[str, tuple[int, ...]], jax.sharding.Sharding] | None = None,
+    sharding_for: ShardingFor | None = None,
 ) -> CausalLM:
     """Load a checkpoint written by ``save``; ``dtype`` casts (default: as saved)."""
     path = os.path.abspath(path)

@@ -17,17 +17,19 @@ as ``.npy`` files keyed by everything that determines them.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 import random
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from multipruner_jax import atomic
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -263,20 +265,10 @@ def _cached(
         return tuple(np.load(p) for p in paths)
     arrays = build()
     for path, array in zip(paths, arrays, strict=True):
-        _save_atomic(path, array)
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        atomic.write_bytes(path, buffer.getvalue())
     return arrays
-
-
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _read_txt(path: Path) -> list[str]:

@@ -10,12 +10,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 from models.decoder import CausalLM
-from models.spec import ModelSpec
-from multipruner_jax import checkpoint, export, hf_io, surgery
+from models.spec import ModelSpec, count_params
+from multipruner_jax import checkpoint, hf_io
 from multipruner_jax import mesh as mesh_lib
+from multipruner_jax.mesh import ShardingFor
 from multipruner_jax.scoring import Scorer
-
-ShardingFor = hf_io.ShardingFor
 
 
 def eval_ignore_id(spec: ModelSpec) -> int | None:
@@ -39,7 +38,7 @@ def load_model(
     """A model from an HF directory (dense, or a compact export) or one of our checkpoints."""
     if checkpoint.is_checkpoint(path):
         return checkpoint.restore(path, dtype, sharding_for)
-    return export.load_model(path, dtype, sharding_for)
+    return hf_io.load_model(path, dtype, sharding_for)
 
 
 def evaluate_perplexity(
@@ -90,6 +89,6 @@ def evaluate(
         "dataset": dataset,
         "seqlen": seqlen,
         "rows": int(tokens.shape[0]),
-        "params": surgery.count_params(model.spec),
+        "params": count_params(model.spec),
         "perplexity": ppl,
     }

@@ -1,4 +1,4 @@
-"""Export a pruned ``CausalLM`` to a PyTorch Hugging Face directory, and load such directories back.
+"""Export a pruned ``CausalLM`` to a PyTorch Hugging Face directory (``hf_io`` reads them back).
 
 Two layouts, both with the *unchanged dense* ``config.json`` (written here from the spec) and HF
 tensor names and layout (linear weights ``[out, in]``; ``lm_head.weight`` only when untied):
@@ -13,7 +13,7 @@ tensor names and layout (linear weights ``[out, in]``; ``lm_head.weight`` only w
 * ``compact``: the reference's ``extract_model.py`` layout: tensors sliced to their pruned shapes,
   no tensors at all for removed blocks (``model.layers.{i}.self_attn.*`` / ``.mlp.*``; their
   layer norms stay), plus ``pruning_config.json`` in the reference schema. Stock ``transformers``
-  cannot load it (per-layer shapes need the reference's patched v4.45); ``load_model`` here can.
+  cannot load it (per-layer shapes need the reference's patched v4.45); ``hf_io`` reads it.
 
 Files are written to a temporary sibling directory and renamed into place, so a failed export
 never leaves a directory that looks complete. Tensors are converted and written one at a time
@@ -23,27 +23,24 @@ model itself. Run it on one process whose arrays are fully addressable.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import shutil
 import struct
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
 
 from models import decoder
 from models.decoder import CausalLM
-from models.spec import LayerSpec, ModelSpec, RopeSpec, SpecError, spec_from_hf_config
-from multipruner_jax import checkpoint, hf_io, pruning_config
+from models.hf_names import hf_name
+from models.spec import ModelSpec, dense_spec, spec_to_hf_config
+from multipruner_jax import atomic, checkpoint, hf_io, pruning_config
 
 FORMATS = ("padded", "compact")
 DTYPES = {
@@ -52,93 +49,10 @@ DTYPES = {
     "float16": np.dtype(np.float16),
 }
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
-CONFIG_FILE = "config.json"
-PRUNING_CONFIG_FILE = "pruning_config.json"
 
 _SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
-_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
-_HF_LEAF = {"kernel": "weight", "embedding": "weight"}
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------
-# config.json
-
-
-def dense_spec(spec: ModelSpec) -> ModelSpec:
-    """The unpruned model ``spec`` was cut from: every block, all KV groups and channels."""
-    full = LayerSpec(True, spec.num_key_value_heads, True, spec.intermediate_size)
-    return spec.replace_layers([full] * spec.num_layers)
-
-
-def _rope_parameters(rope: RopeSpec) -> dict[str, Any]:
-    params: dict[str, Any] = {"rope_type": rope.rope_type, "rope_theta": rope.theta}
-    if rope.rope_type in ("linear", "llama3"):
-        params["factor"] = rope.factor
-    if rope.rope_type == "llama3":
-        params["low_freq_factor"] = rope.low_freq_factor
-        params["high_freq_factor"] = rope.high_freq_factor
-        params["original_max_position_embeddings"] = rope.original_max_position_embeddings
-    return params
-
-
-def _family_fields(spec: ModelSpec) -> dict[str, Any]:
-    """The keys that differ between llama, mistral, qwen2 and qwen3 configs."""
-    if spec.model_type == "llama":
-        return {"attention_bias": spec.qkv_bias, "mlp_bias": False, "pretraining_tp": 1}
-    if spec.model_type == "mistral":
-        return {"sliding_window": spec.sliding_window}
-    sliding = spec.sliding_window is not None
-    fields: dict[str, Any] = {
-        "use_sliding_window": sliding,
-        "sliding_window": spec.sliding_window,
-        # Our decoder applies the window to every layer, so every layer is a window layer.
-        "max_window_layers": 0 if sliding else spec.num_layers,
-        "layer_types": [("sliding_attention" if sliding else "full_attention")] * spec.num_layers,
-    }
-    if spec.model_type == "qwen3":
-        fields["attention_bias"] = spec.qkv_bias
-    return fields
-
-
-def hf_config(spec: ModelSpec, dtype: str = "float32") -> dict[str, Any]:
-    """The dense transformers-5 ``config.json`` dict of ``spec``'s family and dimensions.
-
-    Raises ``SpecError`` when the spec is not expressible in its family's config (for example
-    biases a Mistral model cannot have): the dict always reads back to the same dense spec.
-    """
-    cfg: dict[str, Any] = {
-        "architectures": [_ARCHITECTURES[spec.model_type]],
-        "model_type": spec.model_type,
-        "vocab_size": spec.vocab_size,
-        "hidden_size": spec.hidden_size,
-        "intermediate_size": spec.intermediate_size,
-        "num_hidden_layers": spec.num_layers,
-        "num_attention_heads": spec.num_attention_heads,
-        "num_key_value_heads": spec.num_key_value_heads,
-        "head_dim": spec.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": spec.max_position_embeddings,
-        "rms_norm_eps": spec.rms_norm_eps,
-        "rope_parameters": _rope_parameters(spec.rope),
-        "tie_word_embeddings": spec.tie_word_embeddings,
-        "attention_dropout": 0.0,
-        "initializer_range": 0.02,
-        "use_cache": True,
-        "bos_token_id": spec.bos_token_id,
-        "eos_token_id": spec.eos_token_id,
-        "dtype": dtype,
-        **_family_fields(spec),
-    }
-    if spec_from_hf_config(cfg) != dense_spec(spec):
-        raise SpecError(f"this {spec.model_type} spec cannot be written as an HF config: {spec}")
-    return cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,19 +85,13 @@ class _Tensor:
         return out
 
 
-def _hf_name(path: tuple[str | int, ...]) -> tuple[str, bool]:
-    """Our parameter path -> (HF tensor name, whether the tensor is a transposed kernel)."""
-    *prefix, leaf = (str(p) for p in path)
-    return ".".join([*prefix, _HF_LEAF.get(leaf, leaf)]), leaf == "kernel"
-
-
 def _tensors(model: CausalLM, fmt: str) -> list[_Tensor]:
     """The tensors to write: the model's own (``compact``), or every dense one (``padded``)."""
     params = {path: var[...] for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     layout = model if fmt == "compact" else decoder.abstract(dense_spec(model.spec))
     tensors = []
     for path, var in nnx.to_flat_state(nnx.state(layout, nnx.Param)):
-        name, transpose = _hf_name(path)
+        name, transpose = hf_name(path)
         shape = tuple(var.get_value().shape)
         tensors.append(
             _Tensor(name, shape[::-1] if transpose else shape, params.get(path), transpose)
@@ -246,7 +154,7 @@ def _write_weights(
         _write_safetensors(os.path.join(folder, file), shard, dtype_name)
         weight_map.update({t.name: file for t in shard})
     total = sum(t.nbytes(dtype) for t in tensors)
-    checkpoint.write_json(
+    atomic.write_json(
         os.path.join(folder, hf_io.INDEX_FILE),
         {"metadata": {"total_size": total}, "weight_map": weight_map},
     )
@@ -264,28 +172,6 @@ def check_output(out: str, overwrite: bool) -> None:
         raise FileExistsError(f"{out} exists and is not empty (pass overwrite to replace it)")
 
 
-@contextlib.contextmanager
-def _staging(out: str) -> Iterator[str]:
-    """A fresh temporary sibling of ``out`` that replaces ``out`` on success, vanishes on error."""
-    parent, name = os.path.split(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp, old = (os.path.join(parent, f".{name}.{kind}-{tag}") for kind in ("tmp", "old"))
-    os.mkdir(tmp)  # unlike mkdtemp, honours the umask: the result is as readable as usual
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    out = os.path.join(parent, name)
-    replaced = os.path.exists(out)
-    if replaced:
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if replaced:
-        shutil.rmtree(old)
-
-
 def _save_tokenizer(folder: str, tokenizer: Any) -> None:
     """Copy a tokenizer directory's files (never weights or configs, should it be a model
     directory), or ``save_pretrained`` a tokenizer object."""
@@ -296,9 +182,9 @@ def _save_tokenizer(folder: str, tokenizer: Any) -> None:
             "*.safetensors",
             "*.index.json",
             "*.bin",
-            CONFIG_FILE,
+            hf_io.CONFIG_FILE,
             "generation_config.json",
-            PRUNING_CONFIG_FILE,
+            pruning_config.FILE,
         )
         shutil.copytree(tokenizer, folder, ignore=skip, dirs_exist_ok=True)
     else:
@@ -309,51 +195,28 @@ def _save_tokenizer(folder: str, tokenizer: Any) -> None:
 # pruning_config.json
 
 
-def _shape_key(spec: ModelSpec) -> tuple:
-    """What the layers compute: widths of removed blocks do not matter."""
-    return tuple(
-        (
-            layer.has_attn,
-            layer.kv_groups if layer.has_attn else 0,
-            layer.has_mlp,
-            layer.mlp_width if layer.has_mlp else 0,
-        )
-        for layer in spec.layers
-    )
-
-
-def _fits(config: dict[str, Any], spec: ModelSpec) -> bool:
-    try:
-        pruned = pruning_config.apply(dense_spec(spec), config)
-    except pruning_config.PruningConfigError:
-        return False
-    return _shape_key(pruned) == _shape_key(spec)
-
-
 def _compact_pruning_config(spec: ModelSpec, given: dict[str, Any] | None) -> dict[str, Any]:
     """``given`` (checked against ``spec``), else the reference schema with removals in layer
     order and no ``weight_reorder`` key (unknown for a bare model)."""
     if given is not None:
-        if not _fits(given, spec):
+        if not pruning_config.describes(given, spec):
             raise ValueError("the pruning config does not describe the model's per-layer shapes")
         return given
-    config = pruning_config.to_dict(
+    return pruning_config.from_spec(
         spec,
         attn_order=[i for i, layer in enumerate(spec.layers) if not layer.has_attn],
         mlp_order=[i for i, layer in enumerate(spec.layers) if not layer.has_mlp],
-        weight_reorder=False,
+        weight_reorder=None,
     )
-    del config["weight_reorder"]
-    return config
 
 
 def _checkpoint_pruning_config(path: str, spec: ModelSpec) -> dict[str, Any] | None:
     """The search's ``pruning_config.json`` in or next to checkpoint ``path``, if it fits."""
     for folder in (path, os.path.dirname(os.path.abspath(path))):
-        file = os.path.join(folder, PRUNING_CONFIG_FILE)
+        file = os.path.join(folder, pruning_config.FILE)
         if os.path.isfile(file):
             config = pruning_config.load(file)
-            if _fits(config, spec):
+            if pruning_config.describes(config, spec):
                 return config
             log.warning("%s does not match the checkpoint's shapes; not used", file)
     return None
@@ -401,13 +264,14 @@ def export(
         raise ValueError("a pruning config is only written with the compact format")
     check_output(out, overwrite)
     spec = model.spec
-    hf_cfg = hf_config(spec, dtype)
-    extra = {PRUNING_CONFIG_FILE: _compact_pruning_config(spec, config)} if fmt == "compact" else {}
-    with _staging(out) as tmp:
-        _save_tokenizer(tmp, tokenizer)
-        _write_weights(tmp, _tensors(model, fmt), dtype, max_shard_bytes)
-        for name, obj in {CONFIG_FILE: hf_cfg, **extra}.items():
-            checkpoint.write_json(os.path.join(tmp, name), obj)
+    files = {hf_io.CONFIG_FILE: spec_to_hf_config(spec, dtype)}
+    if fmt == "compact":
+        files[pruning_config.FILE] = _compact_pruning_config(spec, config)
+    with atomic.directory(out) as tmp:
+        _save_tokenizer(str(tmp), tokenizer)
+        _write_weights(str(tmp), _tensors(model, fmt), dtype, max_shard_bytes)
+        for name, obj in files.items():
+            atomic.write_json(tmp / name, obj)
 
 
 def export_checkpoint(
@@ -439,22 +303,3 @@ def export_checkpoint(
         config=_checkpoint_pruning_config(path, spec) if fmt == "compact" else None,
         overwrite=overwrite,
     )
-
-
-def read_spec(path: str) -> ModelSpec:
-    """The spec of HF directory ``path``: its dense ``config.json`` with ``pruning_config.json``
-    applied when present (a ``compact`` export)."""
-    spec = hf_io.read_spec(path)
-    config_file = os.path.join(path, PRUNING_CONFIG_FILE)
-    if os.path.isfile(config_file):
-        spec = pruning_config.apply(spec, pruning_config.load(config_file))
-    return spec
-
-
-def load_model(
-    path: str,
-    dtype: jnp.dtype = jnp.float32,
-    sharding_for: hf_io.ShardingFor | None = None,
-) -> CausalLM:
-    """``hf_io.load_model`` that also reads ``compact`` exports at their pruned shapes."""
-    return hf_io.load_model(path, dtype, sharding_for, spec=read_spec(path))

@@ -1,5 +1,8 @@
 """Read a Hugging Face model directory (``config.json`` + safetensors) into a ``CausalLM``.
 
+This is the only reader of HF directories: dense checkpoints, and ``compact`` exports whose
+``pruning_config.json`` gives the per-layer shapes (``export`` is the only writer).
+
 Tensors are read lazily, one at a time, straight onto their target sharding: each device's shard
 is cut from the memory-mapped file with ``get_slice``, so the host never holds more than about one
 tensor beyond the parameters already placed, and never a second copy of the model.
@@ -14,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import jax
@@ -25,13 +28,15 @@ from safetensors import SafetensorError, safe_open
 
 from models import decoder
 from models.decoder import CausalLM
+from models.hf_names import hf_name
 from models.spec import ModelSpec, load_hf_config
+from multipruner_jax import pruning_config
+from multipruner_jax.mesh import ShardingFor
 
+CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
-
-ShardingFor = Callable[[str, tuple[int, ...]], jax.sharding.Sharding]
 
 
 class CheckpointError(ValueError):
@@ -56,9 +61,19 @@ class _Target:
         return self.shape[::-1] if self.transpose else self.shape
 
 
+def read_dense_spec(path: str) -> ModelSpec:
+    """The dense ``ModelSpec`` of the HF directory ``path`` (its ``config.json`` alone)."""
+    return load_hf_config(os.path.join(path, CONFIG_FILE))
+
+
 def read_spec(path: str) -> ModelSpec:
-    """The dense ``ModelSpec`` of the HF directory ``path`` (from its ``config.json``)."""
-    return load_hf_config(os.path.join(path, "config.json"))
+    """The spec of HF directory ``path``: its dense ``config.json`` with ``pruning_config.json``
+    applied when present (a ``compact`` export)."""
+    spec = read_dense_spec(path)
+    config_file = os.path.join(path, pruning_config.FILE)
+    if os.path.isfile(config_file):
+        spec = pruning_config.to_spec(spec, pruning_config.load(config_file))
+    return spec
 
 
 def load_model(
@@ -76,7 +91,7 @@ def load_model(
       sharding_for: ``(param_path, shape) -> Sharding`` for each parameter, where ``param_path``
         is like ``"model.layers.3.self_attn.q_proj.kernel"`` and ``shape`` is our (``[in, out]``)
         shape. Default: the first device.
-      spec: the shapes to load (a pruned model); default: the dense spec of ``config.json``.
+      spec: the shapes to load; default: ``read_spec(path)`` (dense, or a compact export's).
         Tensors of blocks the spec removed are not read, so they may be absent from the files.
     """
     dtype = jnp.dtype(dtype)
@@ -103,10 +118,8 @@ def _first_device(_name: str, _shape: tuple[int, ...]) -> jax.sharding.Sharding:
 
 
 def _target(path: tuple[str | int, ...], shape: tuple[int, ...]) -> _Target:
-    """Map our parameter path to its HF tensor name (``kernel``/``embedding`` -> ``weight``)."""
-    *prefix, leaf = (str(p) for p in path)
-    hf_leaf = {"kernel": "weight", "embedding": "weight"}.get(leaf, leaf)
-    return _Target(tuple(path), tuple(shape), ".".join([*prefix, hf_leaf]), leaf == "kernel")
+    name, transpose = hf_name(path)
+    return _Target(tuple(path), tuple(shape), name, transpose)
 
 
 def _weight_files(path: str) -> dict[str, str]:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+# Where to place each parameter: (our dotted path, e.g. "model.layers.3.mlp.up_proj.kernel",
+# shape) -> sharding. Loaders, surgery and checkpoints take one.
+ShardingFor = Callable[[str, tuple[int, ...]], jax.sharding.Sharding]
 
 # Parameters split over "model": (path suffix, axis of the [in, out] kernel that holds heads or
 # channels). Everything else is replicated.

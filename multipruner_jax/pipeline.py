@@ -21,10 +21,21 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
 
 from models.decoder import CausalLM
-from models.spec import ModelSpec
-from multipruner_jax import checkpoint, data, hf_io, model_source, pruning_config, search, surgery
+from models.spec import ModelSpec, count_params, pruned_ratio
+from multipruner_jax import (
+    atomic,
+    checkpoint,
+    data,
+    hf_io,
+    model_source,
+    pruning_config,
+    search,
+    surgery,
+)
 from multipruner_jax import mesh as mesh_lib
 from multipruner_jax.evaluation import evaluate_perplexity, load_tokenizer
 from multipruner_jax.progress import ConsoleProgress, summary_table
@@ -104,9 +115,9 @@ def check_options(opts: PruneOptions) -> tuple[ModelSpec, search.Settings | None
             f"--output_path={opts.output_path} already holds a search; pass --resume to continue "
             "it or choose another output path"
         )
-    spec = hf_io.read_spec(model_source.resolve(opts.model_path))
+    spec = hf_io.read_dense_spec(model_source.resolve(opts.model_path))
     if opts.pruned_model_config_file:
-        pruning_config.apply(spec, pruning_config.load(opts.pruned_model_config_file))
+        pruning_config.to_spec(spec, pruning_config.load(opts.pruned_model_config_file))
         return spec, None
     search.check_group_sizes(spec, opts.mlp_channel_group_size, opts.attn_channel_group_size)
     settings = search.Settings(
@@ -133,7 +144,7 @@ class _Outputs:
 
     def config(self, state: search.SearchState) -> dict[str, Any]:
         attn, mlp = search.removal_orders(state)
-        return pruning_config.to_dict(
+        return pruning_config.from_spec(
             state.spec(self.dense, self.settings),
             attn_order=attn,
             mlp_order=mlp,
@@ -147,7 +158,7 @@ class _Outputs:
         last = state.steps[-1]
         name = f"config.{last.stage}.{last.step}.json"
         config_path = os.path.join(out, "pruned_model_configs", name)
-        checkpoint.write_json(config_path, self.config(state))
+        atomic.write_json(config_path, self.config(state))
         log = [
             {
                 "step": s.step,
@@ -161,15 +172,15 @@ class _Outputs:
             }
             for s in state.steps
         ]
-        checkpoint.write_json(os.path.join(out, "log.json"), {"steps": log})
-        checkpoint.write_json(
+        atomic.write_json(os.path.join(out, "log.json"), {"steps": log})
+        atomic.write_json(
             os.path.join(out, STATE_FILE),
             {"options": self.opts.search_identity(), **state.to_dict()},
         )
 
 
 def _load_state(opts: PruneOptions) -> search.SearchState:
-    saved = checkpoint.read_json(os.path.join(opts.output_path, STATE_FILE))
+    saved = atomic.read_json(os.path.join(opts.output_path, STATE_FILE))
     if saved["options"] != opts.search_identity():
         diff = {
             k: (v, opts.search_identity()[k])
@@ -180,6 +191,44 @@ def _load_state(opts: PruneOptions) -> search.SearchState:
     return search.SearchState.from_dict(saved)
 
 
+@dataclass
+class _Job:
+    """What both prune jobs share: the options, the dense spec, devices, tokenizer, summary."""
+
+    opts: PruneOptions
+    dense: ModelSpec
+    model_dir: str
+    mesh: Mesh
+    tokenizer: Any
+    summary: dict[str, Any]
+    eval_tokens: np.ndarray | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.opts.batch_size or self.mesh.shape["data"]
+
+    def sharding_for(self, path: str, shape: tuple[int, ...]) -> jax.sharding.Sharding:
+        return mesh_lib.param_sharding(self.mesh, path, shape)
+
+    def load_dense(self) -> CausalLM:
+        """The dense model (reordered if asked), its perplexity recorded when evaluating."""
+        opts = self.opts
+        model = hf_io.load_model(
+            self.model_dir, DTYPES[opts.dtype], self.sharding_for, spec=self.dense
+        )
+        _say(opts, f"loaded {opts.model_path}: {count_params(self.dense):,} parameters")
+        if opts.weight_reorder:
+            surgery.reorder(model)
+        if opts.eval_windows:
+            self.eval_tokens = _eval_tokens(opts, self.tokenizer)
+            self.summary["dense_ppl"] = self.perplexity(model)
+            _say(opts, f"dense {opts.eval_dataset} perplexity: {self.summary['dense_ppl']:.4f}")
+        return model
+
+    def perplexity(self, model: CausalLM) -> float:
+        return evaluate_perplexity(model, self.eval_tokens, self.batch_size, self.mesh)
+
+
 def run(opts: PruneOptions, flags_text: str | None = None) -> dict[str, Any]:
     """Run the prune job; returns a summary (parameter counts, ratio, perplexities, paths).
 
@@ -187,102 +236,104 @@ def run(opts: PruneOptions, flags_text: str | None = None) -> dict[str, Any]:
     """
     dense, settings = check_options(opts)
     if flags_text is not None and jax.process_index() == 0:
-        checkpoint.write_text(os.path.join(opts.output_path, "flags.txt"), flags_text)
+        atomic.write_text(os.path.join(opts.output_path, "flags.txt"), flags_text)
     t0 = time.perf_counter()
     model_dir = model_source.resolve(opts.model_path)
-    mesh = mesh_lib.make_mesh(mesh_lib.parse_mesh_shape(opts.mesh_shape))
-    data_axis = mesh.shape["data"]
-    batch_size = opts.batch_size or data_axis
-
-    def sharding_for(path: str, shape: tuple[int, ...]) -> jax.sharding.Sharding:
-        return mesh_lib.param_sharding(mesh, path, shape)
-
-    tokenizer = load_tokenizer(model_dir)
-    state = _load_state(opts) if opts.resume else search.SearchState()
-    if settings is not None:
-        width_tokens, block_tokens = data.calibration_windows(
-            opts.calibration_dataset,
-            tokenizer,
-            seqlen=opts.seqlen,
-            num_width=opts.num_calibration_samples_width,
-            num_block=opts.num_calibration_samples_block,
-            seed=opts.seed,
-            cache_dir=opts.cache_dir,
-        )
-        _say(
-            opts,
-            f"calibration: {block_tokens.shape[0]} block rows, {width_tokens.shape[0]} width rows "
-            f"of {opts.seqlen} tokens from {opts.calibration_dataset}",
-        )
-    model = hf_io.load_model(model_dir, DTYPES[opts.dtype], sharding_for)
-    _say(opts, f"loaded {opts.model_path}: {surgery.count_params(dense):,} parameters")
-    if opts.weight_reorder:
-        surgery.reorder(model)
-    eval_tokens = None
-    summary: dict[str, Any] = {"dense_params": surgery.count_params(dense)}
-    if opts.eval_windows:
-        eval_tokens = _eval_tokens(opts, tokenizer)
-        summary["dense_ppl"] = evaluate_perplexity(model, eval_tokens, batch_size, mesh)
-        _say(opts, f"dense {opts.eval_dataset} perplexity: {summary['dense_ppl']:.4f}")
-
+    job = _Job(
+        opts=opts,
+        dense=dense,
+        model_dir=model_dir,
+        mesh=mesh_lib.make_mesh(mesh_lib.parse_mesh_shape(opts.mesh_shape)),
+        tokenizer=load_tokenizer(model_dir),
+        summary={"dense_params": count_params(dense)},
+    )
     if settings is None:
-        config = pruning_config.load(opts.pruned_model_config_file)
-        if "weight_reorder" in config and config["weight_reorder"] != opts.weight_reorder:
-            raise ValueError(
-                f"{opts.pruned_model_config_file} was made with weight_reorder="
-                f"{config['weight_reorder']}, but --weight_reorder={opts.weight_reorder}"
-            )
-        spec = pruning_config.apply(dense, config)
-        model = surgery.shrink(model, spec, sharding_for)
-        final_config = {**config, "weight_reorder": opts.weight_reorder}
-        steps: list[search.Step] = []
+        model, final_config, steps = _apply_config(job)
     else:
-        ignore = tokenizer.eos_token_id
-        scorers = {
-            name: Scorer(
-                tokens,
-                ignore_id=ignore,
-                batch_size=batch_size,
-                mesh=mesh,
-                token_chunk=opts.token_chunk,
-                mode=opts.scoring_mode,
-            )
-            for name, tokens in (("block", block_tokens), ("width", width_tokens))
-        }
-        settings = dataclasses.replace(
-            settings, prefix_cache=_use_prefix_cache(opts, dense, block_tokens, mesh)
-        )
-        outputs = _Outputs(opts, dense, settings)
-        model, state = search.search(
-            model,
-            dense,
-            scorers,
-            settings,
-            state=state,
-            on_step=outputs.on_step,
-            progress=ConsoleProgress(enabled=not opts.quiet and jax.process_index() == 0),
-            sharding_for=sharding_for,
-        )
-        final_config = outputs.config(state)
-        steps = state.steps
-        summary["compiles"] = {name: s.compiles.count for name, s in scorers.items()}
+        model, final_config, steps = _search(job, settings)
     if jax.process_index() == 0:
-        checkpoint.write_json(os.path.join(opts.output_path, "pruning_config.json"), final_config)
+        atomic.write_json(os.path.join(opts.output_path, pruning_config.FILE), final_config)
     ckpt = os.path.join(opts.output_path, "checkpoint")
-    checkpoint.save(ckpt, model, tokenizer=tokenizer)
+    checkpoint.save(ckpt, model, tokenizer=job.tokenizer)
+    summary = job.summary
     summary.update(
-        pruned_params=surgery.count_params(model.spec),
-        ratio=surgery.pruned_ratio(model.spec, dense),
+        pruned_params=count_params(model.spec),
+        ratio=pruned_ratio(model.spec, dense),
         steps=len(steps),
         checkpoint=ckpt,
         seconds=time.perf_counter() - t0,
     )
-    if eval_tokens is not None:
-        summary["pruned_ppl"] = evaluate_perplexity(model, eval_tokens, batch_size, mesh)
+    if job.eval_tokens is not None:
+        summary["pruned_ppl"] = job.perplexity(model)
     if steps:
         _say(opts, summary_table(steps))
     _say(opts, format_summary(summary))
     return summary
+
+
+def _apply_config(job: _Job) -> tuple[CausalLM, dict[str, Any], list[search.Step]]:
+    """The ``--pruned_model_config_file`` job: shrink the dense model to the given config."""
+    opts = job.opts
+    config = pruning_config.load(opts.pruned_model_config_file)
+    if "weight_reorder" in config and config["weight_reorder"] != opts.weight_reorder:
+        raise ValueError(
+            f"{opts.pruned_model_config_file} was made with weight_reorder="
+            f"{config['weight_reorder']}, but --weight_reorder={opts.weight_reorder}"
+        )
+    model = job.load_dense()
+    spec = pruning_config.to_spec(job.dense, config)
+    model = surgery.shrink(model, spec, job.sharding_for)
+    return model, {**config, "weight_reorder": opts.weight_reorder}, []
+
+
+def _search(
+    job: _Job, settings: search.Settings
+) -> tuple[CausalLM, dict[str, Any], list[search.Step]]:
+    """The search job: calibrate, search (or resume), with per-step outputs."""
+    opts = job.opts
+    state = _load_state(opts) if opts.resume else search.SearchState()
+    width_tokens, block_tokens = data.calibration_windows(
+        opts.calibration_dataset,
+        job.tokenizer,
+        seqlen=opts.seqlen,
+        num_width=opts.num_calibration_samples_width,
+        num_block=opts.num_calibration_samples_block,
+        seed=opts.seed,
+        cache_dir=opts.cache_dir,
+    )
+    _say(
+        opts,
+        f"calibration: {block_tokens.shape[0]} block rows, {width_tokens.shape[0]} width rows "
+        f"of {opts.seqlen} tokens from {opts.calibration_dataset}",
+    )
+    model = job.load_dense()
+    scorers = {
+        name: Scorer(
+            tokens,
+            ignore_id=job.tokenizer.eos_token_id,
+            batch_size=job.batch_size,
+            mesh=job.mesh,
+            token_chunk=opts.token_chunk,
+            mode=opts.scoring_mode,
+        )
+        for name, tokens in (("block", block_tokens), ("width", width_tokens))
+    }
+    settings = dataclasses.replace(
+        settings, prefix_cache=_use_prefix_cache(opts, job.dense, block_tokens, job.mesh)
+    )
+    outputs = _Outputs(opts, job.dense, settings)
+    model, state = search.search(
+        model,
+        job.dense,
+        scorers,
+        settings,
+        state=state,
+        on_step=outputs.on_step,
+        progress=ConsoleProgress(enabled=not opts.quiet and jax.process_index() == 0),
+        sharding_for=job.sharding_for,
+    )
+    job.summary["compiles"] = {name: s.compiles.count for name, s in scorers.items()}
+    return model, outputs.config(state), state.steps
 
 
 def _free_device_bytes() -> int:

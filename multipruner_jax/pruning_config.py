@@ -12,31 +12,39 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from models.spec import LayerSpec, ModelSpec
+from models.spec import LayerSpec, ModelSpec, dense_spec
+
+FILE = "pruning_config.json"
+KEYS = ("pruned_attn_idx", "pruned_mlp_idx", "pruned_attn_width", "pruned_mlp_width")
 
 
 class PruningConfigError(ValueError):
     """A pruning_config.json that does not fit the model."""
 
 
-def to_dict(
+def from_spec(
     spec: ModelSpec,
     *,
     attn_order: list[int],
     mlp_order: list[int],
-    weight_reorder: bool,
+    weight_reorder: bool | None,
 ) -> dict[str, Any]:
-    """The reference schema for ``spec``; ``*_order`` list removed blocks in removal order."""
+    """The reference schema for ``spec``; ``*_order`` list removed blocks in removal order.
+
+    ``weight_reorder=None`` (unknown, e.g. for a bare model) leaves the key out.
+    """
     unit = spec.head_dim * spec.q_per_kv
-    return {
+    config: dict[str, Any] = {
         "pruned_attn_idx": list(attn_order),
         "pruned_mlp_idx": list(mlp_order),
         "pruned_attn_width": {
             str(i): layer.kv_groups * unit for i, layer in enumerate(spec.layers)
         },
         "pruned_mlp_width": {str(i): layer.mlp_width for i, layer in enumerate(spec.layers)},
-        "weight_reorder": weight_reorder,
     }
+    if weight_reorder is not None:
+        config["weight_reorder"] = weight_reorder
+    return config
 
 
 def _layer_index(key: Any, n: int, what: str) -> int:
@@ -49,12 +57,12 @@ def _layer_index(key: Any, n: int, what: str) -> int:
     return i
 
 
-def apply(dense: ModelSpec, config: dict[str, Any]) -> ModelSpec:
+def to_spec(dense: ModelSpec, config: dict[str, Any]) -> ModelSpec:
     """The pruned spec that ``config`` describes on top of the ``dense`` spec."""
     n = dense.num_layers
     unit = dense.head_dim * dense.q_per_kv
     layers = [dict(vars(layer)) for layer in dense.layers]
-    for key in ("pruned_attn_idx", "pruned_mlp_idx", "pruned_attn_width", "pruned_mlp_width"):
+    for key in KEYS:
         if key not in config:
             raise PruningConfigError(f"pruning config lacks {key!r}")
     for i in config["pruned_attn_idx"]:
@@ -77,6 +85,28 @@ def apply(dense: ModelSpec, config: dict[str, Any]) -> ModelSpec:
             )
         layers[i]["mlp_width"] = int(width)
     return dense.replace_layers([LayerSpec(**layer) for layer in layers])
+
+
+def _computed_shapes(spec: ModelSpec) -> tuple:
+    """What the layers compute: widths of removed blocks do not matter."""
+    return tuple(
+        (
+            layer.has_attn,
+            layer.kv_groups if layer.has_attn else 0,
+            layer.has_mlp,
+            layer.mlp_width if layer.has_mlp else 0,
+        )
+        for layer in spec.layers
+    )
+
+
+def describes(config: dict[str, Any], spec: ModelSpec) -> bool:
+    """Whether ``config`` on ``spec``'s dense model gives ``spec``'s per-layer shapes."""
+    try:
+        pruned = to_spec(dense_spec(spec), config)
+    except PruningConfigError:
+        return False
+    return _computed_shapes(pruned) == _computed_shapes(spec)
 
 
 def load(path: str) -> dict[str, Any]:

@@ -11,7 +11,7 @@ Two execution modes share the same pure pieces (embed, decoder layer, head NLL):
 * ``"layer"``: a host loop over per-layer jitted calls, compiled once per distinct layer shape, so
   a rebuilt model after a removal only compiles the layers whose shape is new. It also allows
   prefix caching: ``PrefixCache`` keeps each layer's input for the current model, and a candidate
-  that only changes layer ``i`` is scored from layer ``i`` onward.
+  that only changes layer ``i`` is scored from layer ``i`` onward (``cache.start_at(i)``).
 
 Masks are always traced inputs, so all candidates of a search step reuse the compiled programs.
 """
@@ -100,11 +100,67 @@ def prefix_cache_bytes(spec: ModelSpec, rows: int, seq_len: int, dtype: jnp.dtyp
     return rows * seq_len * spec.hidden_size * spec.num_layers * jnp.dtype(dtype).itemsize
 
 
-@dataclass
-class PrefixCache:
-    """Every layer input of the current model: ``inputs[batch][layer]: [B, T, D]``."""
+@dataclass(frozen=True)
+class CachedStart:
+    """Where a masked forward starts: layer ``layer``, from the cached inputs of that layer."""
 
+    cache: PrefixCache
+    layer: int
+
+
+@dataclass(frozen=True)
+class PrefixCache:
+    """Every layer input of one model: ``inputs[batch][layer]: [B, T, D]``."""
+
+    model: CausalLM
     inputs: list[list[jax.Array]]
+
+    def start_at(self, layer: int) -> CachedStart:
+        return CachedStart(self, layer)
+
+
+@dataclass(frozen=True)
+class _Bound:
+    """A jitted program with its leading arguments (parameter state, ...) already given."""
+
+    program: Callable
+    args: tuple
+
+    def __call__(self, *args):
+        return self.program(*self.args, *args)
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """One model as layer-mode programs: ``embed(tokens) -> h``,
+    ``layers[i](h, cos, sin, layer_masks) -> h``, ``head(h, tokens) -> (nll_sums, counts)``."""
+
+    model: CausalLM
+    embed: _Bound
+    layers: list[_Bound]
+    head: _Bound
+    cos: jax.Array
+    sin: jax.Array
+
+
+class _Programs:
+    """Jitted functions bound to their NNX graph, one per distinct (function, graph, statics).
+
+    Binding the graph means per-call dispatch never hashes a graph (host work that rivals a small
+    layer). Graphs are matched by equality: equal NNX graphs can hash differently (metadata
+    order)."""
+
+    def __init__(self) -> None:
+        self._known: dict[tuple, list[tuple[object, Callable]]] = {}
+
+    def get(self, fn: Callable, graphdef, *static) -> Callable:
+        programs = self._known.setdefault((fn, *static), [])
+        for known, program in programs:
+            if known == graphdef:
+                return program
+        program = jax.jit(functools.partial(fn, graphdef, *static))
+        programs.append((graphdef, program))
+        return program
 
 
 class Scorer:
@@ -146,127 +202,111 @@ class Scorer:
             jax.device_put(rows[i : i + batch_size], sharding) for i in range(0, padded, batch_size)
         ]
         self.compiles = CompileCounter()
-        self._split = None
-        self._build_jitted()
+        self._programs = _Programs()
+        self._parts: _Parts | None = None
+        self._whole = jax.jit(self._whole_fn, static_argnums=0)
 
-    def _build_jitted(self) -> None:
-        counter, ignore_id, chunk = self.compiles, self.ignore_id, self.token_chunk
+    # -- the pure pieces, traced once per program (each trace is counted) ----------------------
 
-        def whole(graphdef, state, masks, tokens):
-            counter.hit()
-            model = nnx.merge(graphdef, state)
-            return head_nll(
-                model.hidden_states(tokens, masks), *_output_weight(model), tokens, ignore_id, chunk
-            )
+    def _whole_fn(self, graphdef, state, masks, tokens):
+        self.compiles.hit()
+        model = nnx.merge(graphdef, state)
+        h = model.hidden_states(tokens, masks)
+        return head_nll(h, *_output_weight(model), tokens, self.ignore_id, self.token_chunk)
 
-        def embed(graphdef, state, tokens):
-            counter.hit()
-            return nnx.merge(graphdef, state)(tokens)
+    def _embed_fn(self, graphdef, state, tokens):
+        self.compiles.hit()
+        return nnx.merge(graphdef, state)(tokens)
 
-        def layer(graphdef, state, h, cos, sin, masks):
-            counter.hit()
-            return nnx.merge(graphdef, state)(h, cos, sin, masks)
+    def _layer_fn(self, graphdef, state, h, cos, sin, masks):
+        self.compiles.hit()
+        return nnx.merge(graphdef, state)(h, cos, sin, masks)
 
-        def head(graphdef, tied, state, w_out, h, tokens):
-            counter.hit()
-            h = nnx.merge(graphdef, state)(h)
-            return head_nll(h, w_out, tied, tokens, ignore_id, chunk)
-
-        self._whole = jax.jit(whole, static_argnums=0)
-        self._impl = {"embed": embed, "layer": layer, "head": head}
-        self._programs: dict = {}
-
-    def _program(self, kind: str, graphdef, *static) -> Callable:
-        """The jitted ``kind`` function bound to its graph, one per distinct graph, so that
-        per-call dispatch never hashes a graph (host work that rivals a small layer). Graphs are
-        matched by equality: equal NNX graphs can hash differently (metadata order)."""
-        programs = self._programs.setdefault((kind, *static), [])
-        for known, program in programs:
-            if known == graphdef:
-                return program
-        program = jax.jit(functools.partial(self._impl[kind], graphdef, *static))
-        programs.append((graphdef, program))
-        return program
-
-    def _rope_tables(self, model: CausalLM) -> tuple[jax.Array, jax.Array]:
-        cos, sin = model.rope_tables(self.seq_len)
-        rep = mesh_lib.replicated(self.mesh)
-        return jax.device_put(cos, rep), jax.device_put(sin, rep)
+    def _head_fn(self, graphdef, tied, state, w_out, h, tokens):
+        self.compiles.hit()
+        h = nnx.merge(graphdef, state)(h)
+        return head_nll(h, w_out, tied, tokens, self.ignore_id, self.token_chunk)
 
     # -- perplexity ---------------------------------------------------------------------------
 
     def row_nll(
-        self, model: CausalLM, masks: Masks | None = None, start: int = 0, cache=None
+        self, model: CausalLM, masks: Masks | None = None, start: CachedStart | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Per-row NLL sums and counts ``(float64[rows], float64[rows])`` of ``model``."""
+        """Per-row NLL sums and counts ``(float64[rows], float64[rows])`` of ``model``.
+
+        ``start``: begin at a cached layer input of this same model (layer mode only); the masks
+        must leave every layer below it unchanged.
+        """
         if masks is None:
             masks = masks_lib.ones(model.spec)
         if self.mode == "model":
+            if start is not None:
+                raise ValueError("scoring from a cached layer needs scoring mode 'layer'")
             graphdef, state = nnx.split(model)
             outs = [self._whole(graphdef, state, masks, tokens) for tokens in self.batches]
         else:
-            outs = self._layerwise(model, masks, start, cache)
+            outs = self._layerwise(model, masks, start)
         sums = np.concatenate([np.asarray(s, np.float64) for s, _ in outs])[: self.rows]
         counts = np.concatenate([np.asarray(c, np.float64) for _, c in outs])[: self.rows]
         return sums, counts
 
     def perplexity(
-        self, model: CausalLM, masks: Masks | None = None, start: int = 0, cache=None
+        self, model: CausalLM, masks: Masks | None = None, start: CachedStart | None = None
     ) -> float:
         """``exp(mean_rows(row_nll_sum / row_count))``; see the module docstring."""
-        sums, counts = self.row_nll(model, masks, start, cache)
+        sums, counts = self.row_nll(model, masks, start)
         if np.any(counts == 0):
             raise ValueError("a scoring row has no counted target token (all ignored)")
         return float(np.exp(np.mean(sums / counts)))
 
     # -- layer mode ---------------------------------------------------------------------------
 
-    def _parts(self, model: CausalLM):
-        """Jitted programs with their states for the embedding, each layer and the head, kept
-        for the last model (the search scores one model many times)."""
-        if self._split is not None and self._split[0] is model:
-            return self._split[1]
+    def _split(self, model: CausalLM) -> _Parts:
+        """``model`` as bound layer-mode programs, kept for the last model (the search scores one
+        model many times)."""
+        if self._parts is not None and self._parts.model is model:
+            return self._parts
         graphdef, state = nnx.split(model.model.embed_tokens)
-        embed = (self._program("embed", graphdef), state)
+        embed = _Bound(self._programs.get(self._embed_fn, graphdef), (state,))
         layers = []
         for layer in model.model.layers:
             graphdef, state = nnx.split(layer)
-            layers.append((self._program("layer", graphdef), state))
+            layers.append(_Bound(self._programs.get(self._layer_fn, graphdef), (state,)))
         w_out, tied = _output_weight(model)
         graphdef, state = nnx.split(model.model.norm)
-        head = (self._program("head", graphdef, tied), state, w_out)
-        self._split = (model, (embed, layers, head), self._rope_tables(model))
-        return self._split[1]
+        head = _Bound(self._programs.get(self._head_fn, graphdef, tied), (state, w_out))
+        cos, sin = model.rope_tables(self.seq_len)
+        rep = mesh_lib.replicated(self.mesh)
+        cos, sin = jax.device_put(cos, rep), jax.device_put(sin, rep)
+        self._parts = _Parts(model, embed, layers, head, cos, sin)
+        return self._parts
 
     def prefix_cache(self, model: CausalLM) -> PrefixCache:
-        """Run the current (unmasked) model once and keep every layer's input, per batch."""
+        """Run ``model`` (unmasked) once and keep every layer's input, per batch."""
         if self.mode != "layer":
             raise ValueError("prefix caching needs scoring mode 'layer'")
-        embed, layers, _ = self._parts(model)
-        cos, sin = self._split[2]
+        parts = self._split(model)
         ones = masks_lib.ones(model.spec)
         inputs = []
         for tokens in self.batches:
-            h = embed[0](embed[1], tokens)
+            h = parts.embed(tokens)
             per_layer = []
-            for i, (program, state) in enumerate(layers):
+            for i, layer in enumerate(parts.layers):
                 per_layer.append(h)
-                h = program(state, h, cos, sin, ones.layer(i))
+                h = layer(h, parts.cos, parts.sin, ones.layer(i))
             inputs.append(per_layer)
-        return PrefixCache(inputs)
+        return PrefixCache(model, inputs)
 
-    def _layerwise(self, model: CausalLM, masks: Masks, start: int, cache: PrefixCache | None):
-        if start and cache is None:
-            raise ValueError("scoring from a layer > 0 needs a prefix cache")
-        embed, layers, head = self._parts(model)
-        cos, sin = self._split[2]
+    def _layerwise(self, model: CausalLM, masks: Masks, start: CachedStart | None):
+        if start is not None and start.cache.model is not model:
+            raise ValueError("the prefix cache belongs to another model")
+        parts = self._split(model)
+        first = 0 if start is None else start.layer
         layer_masks = [LayerMasks(*row) for row in zip(*masks, strict=True)]
         outs = []
         for b, tokens in enumerate(self.batches):
-            h = cache.inputs[b][start] if start else embed[0](embed[1], tokens)
-            for i in range(start, len(layers)):
-                program, state = layers[i]
-                h = program(state, h, cos, sin, layer_masks[i])
-            program, state, w_out = head
-            outs.append(program(state, w_out, h, tokens))
+            h = parts.embed(tokens) if start is None else start.cache.inputs[b][first]
+            for i in range(first, len(parts.layers)):
+                h = parts.layers[i](h, parts.cos, parts.sin, layer_masks[i])
+            outs.append(parts.head(h, tokens))
         return outs

@@ -13,18 +13,19 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-import jax
+from typing import Any, Literal, get_args
 
 from models import masks as masks_lib
 from models.decoder import CausalLM
 from models.masks import Masks
-from models.spec import ModelSpec
+from models.spec import ModelSpec, pruned_ratio
 from multipruner_jax import surgery
+from multipruner_jax.mesh import ShardingFor
 from multipruner_jax.scoring import Scorer
 
-STAGES = ("block", "mlp_width", "attn_head")
+Stage = Literal["block", "mlp_width", "attn_head"]
+Kind = Literal["attn", "mlp"]
+STAGES: tuple[Stage, ...] = get_args(Stage)
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,8 @@ def check_group_sizes(spec: ModelSpec, mlp_group: int, attn_group: int) -> None:
 class Candidate:
     """One removal: a whole block (stage "block") or one group of a layer's width."""
 
-    stage: str
-    kind: str  # "attn" or "mlp"
+    stage: Stage
+    kind: Kind
     layer: int
 
     def describe(self) -> str:
@@ -89,7 +90,7 @@ class Candidate:
         return f"{self.kind} {what[self.stage]} of layer {self.layer}"
 
 
-def candidates(stage: str, spec: ModelSpec, settings: Settings) -> list[Candidate]:
+def candidates(stage: Stage, spec: ModelSpec, settings: Settings) -> list[Candidate]:
     """All candidates of ``stage`` on ``spec``, in the reference's order."""
     layers = list(enumerate(spec.layers))
     if stage == "block":
@@ -114,7 +115,7 @@ def _kv_groups_per_step(spec: ModelSpec, settings: Settings) -> int:
     return settings.attn_group // (spec.head_dim * spec.q_per_kv)
 
 
-def apply(spec: ModelSpec, cand: Candidate, settings: Settings) -> ModelSpec:
+def remove(spec: ModelSpec, cand: Candidate, settings: Settings) -> ModelSpec:
     """``spec`` after removing ``cand``."""
     layers = list(spec.layers)
     layer = layers[cand.layer]
@@ -135,7 +136,7 @@ def apply(spec: ModelSpec, cand: Candidate, settings: Settings) -> ModelSpec:
 def candidate_masks(spec: ModelSpec, cand: Candidate, settings: Settings) -> Masks:
     """Masks on the current model that emulate removing ``cand``."""
     masks = masks_lib.ones(spec)
-    after = apply(spec, cand, settings).layers[cand.layer]
+    after = remove(spec, cand, settings).layers[cand.layer]
     if cand.stage == "block":
         return masks_lib.with_block_off(masks, cand.kind, cand.layer)
     if cand.stage == "mlp_width":
@@ -148,8 +149,8 @@ class Step:
     """One accepted removal and what it cost."""
 
     step: int
-    stage: str
-    kind: str
+    stage: Stage
+    kind: Kind
     layer: int
     ppl: float
     ratio: float
@@ -179,7 +180,7 @@ class SearchState:
     def spec(self, base: ModelSpec, settings: Settings) -> ModelSpec:
         """Replay the accepted steps on ``base``."""
         for s in self.steps:
-            base = apply(base, s.candidate, settings)
+            base = remove(base, s.candidate, settings)
         return base
 
 
@@ -187,7 +188,7 @@ class Progress:
     """Receives live search progress; the default prints nothing."""
 
     def candidate(
-        self, stage: str, step: int, done: int, total: int, best: float, ratio: float, eta: float
+        self, stage: Stage, step: int, done: int, total: int, best: float, ratio: float, eta: float
     ) -> None:
         pass
 
@@ -203,7 +204,7 @@ def search(
     state: SearchState | None = None,
     on_step: Callable[[SearchState, CausalLM], None] | None = None,
     progress: Progress | None = None,
-    sharding_for: Callable[[str, tuple[int, ...]], jax.sharding.Sharding] | None = None,
+    sharding_for: ShardingFor | None = None,
 ) -> tuple[CausalLM, SearchState]:
     """Run the three stages from ``state`` (replayed first) until ``settings.target_ratio``.
 
@@ -217,18 +218,18 @@ def search(
         model = surgery.shrink(model, spec, sharding_for)
     for stage, target in zip(STAGES, settings.stage_targets(), strict=True):
         scorer = scorers["block" if stage == "block" else "width"]
-        while surgery.pruned_ratio(spec, dense) < target:
+        while pruned_ratio(spec, dense) < target:
             cands = candidates(stage, spec, settings)
             if not cands:
                 break
             start_time, start_compiles = time.perf_counter(), scorer.compiles.count
-            ratio = surgery.pruned_ratio(spec, dense)
+            ratio = pruned_ratio(spec, dense)
             cache = scorer.prefix_cache(model) if settings.prefix_cache else None
             best, best_ppl = None, math.inf
             for j, cand in enumerate(cands):
                 masks = candidate_masks(spec, cand, settings)
-                start = cand.layer if cache is not None else 0
-                ppl = scorer.perplexity(model, masks, start, cache)
+                start = None if cache is None else cache.start_at(cand.layer)
+                ppl = scorer.perplexity(model, masks, start)
                 if ppl < best_ppl:
                     best, best_ppl = cand, ppl
                 elapsed = time.perf_counter() - start_time
@@ -237,7 +238,7 @@ def search(
             if best is None:
                 raise FloatingPointError(f"{stage} step {len(state.steps)}: every score was NaN")
             del cache
-            spec = apply(spec, best, settings)
+            spec = remove(spec, best, settings)
             model = surgery.shrink(model, spec, sharding_for)
             record = Step(
                 step=len(state.steps),
@@ -245,7 +246,7 @@ def search(
                 kind=best.kind,
                 layer=best.layer,
                 ppl=best_ppl,
-                ratio=surgery.pruned_ratio(spec, dense),
+                ratio=pruned_ratio(spec, dense),
                 target=target,
                 candidates=len(cands),
                 seconds=time.perf_counter() - start_time,

@@ -1,4 +1,4 @@
-"""Model surgery: importance reordering, slicing parameters to a smaller spec, parameter counting.
+"""Model surgery: importance reordering and slicing parameters to a smaller spec.
 
 Width pruning always keeps a *prefix* of KV groups and MLP channels (after the optional one-time
 magnitude reorder), so shrinking a model to a smaller spec is a prefix slice of every parameter
@@ -6,8 +6,6 @@ along every axis, and removed blocks simply disappear.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +15,7 @@ from flax import nnx
 from models import decoder
 from models.decoder import Attention, CausalLM
 from models.spec import ModelSpec
+from multipruner_jax.mesh import ShardingFor
 
 
 def _importance_order(scores: np.ndarray) -> np.ndarray:
@@ -77,7 +76,7 @@ def reorder(model: CausalLM) -> None:
 def shrink(
     model: CausalLM,
     spec: ModelSpec,
-    sharding_for: Callable[[str, tuple[int, ...]], jax.sharding.Sharding] | None = None,
+    sharding_for: ShardingFor | None = None,
 ) -> CausalLM:
     """A new model of the smaller ``spec`` whose parameters are prefixes of ``model``'s.
 
@@ -105,29 +104,3 @@ def shrink(
         new_leaves[path] = sliced
     state = nnx.from_flat_state(new_leaves)
     return nnx.merge(graphdef, state)
-
-
-def count_params(spec: ModelSpec) -> int:
-    """All parameters of ``spec``: embeddings, LM head (once if tied), norms (also those of
-    removed blocks, as the reference counts them), attention and MLP of surviving blocks."""
-    d, hd = spec.hidden_size, spec.head_dim
-    total = spec.vocab_size * d + d
-    if not spec.tie_word_embeddings:
-        total += spec.vocab_size * d
-    for layer in spec.layers:
-        total += 2 * d
-        if layer.has_attn:
-            q = layer.kv_groups * spec.q_per_kv * hd
-            kv = layer.kv_groups * hd
-            total += d * (q + 2 * kv) + q * d
-            total += (q + 2 * kv) if spec.qkv_bias else 0
-            total += d if spec.o_bias else 0
-            total += 2 * hd if spec.qk_norm else 0
-        if layer.has_mlp:
-            total += 3 * d * layer.mlp_width
-    return total
-
-
-def pruned_ratio(spec: ModelSpec, dense: ModelSpec) -> float:
-    """Percent of ``dense``'s parameters removed in ``spec``."""
-    return 100.0 * (1.0 - count_params(spec) / count_params(dense))

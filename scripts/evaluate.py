@@ -1,13 +1,10 @@
 """WikiText-2 perplexity of an HF model or a pruned checkpoint (``--model_path=...``)."""
 
-import os
 import sys
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from multipruner_jax import checkpoint, evaluation, mesh, pipeline  # noqa: E402
+from multipruner_jax import atomic, evaluation, mesh, pipeline
 
 flags.DEFINE_string("model_path", None, "HF directory, Hub id, or our checkpoint.", required=True)
 flags.DEFINE_string("dataset", "wikitext2", "wikitext2 (test split) or a local text source.")
@@ -42,7 +39,7 @@ def main(argv):
         f"({result['rows']} rows x {result['seqlen']} tokens, {result['params']:,} parameters)"
     )
     if FLAGS.output_json:
-        checkpoint.write_json(FLAGS.output_json, result)
+        atomic.write_json(FLAGS.output_json, result)
 
 
 if __name__ == "__main__":

@@ -7,14 +7,11 @@ pruned shapes plus ``pruning_config.json`` (the reference's extract format; our 
 stock transformers cannot).
 """
 
-import os
 import sys
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from multipruner_jax import export  # noqa: E402
+from multipruner_jax import export
 
 flags.DEFINE_string(
     "checkpoint", None, "Pruned checkpoint directory (from prune.py).", required=True

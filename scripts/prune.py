@@ -1,13 +1,10 @@
 """Prune a decoder LLM with MultiPruner: ``python scripts/prune.py --flagfile=configs/X.flags``."""
 
-import os
 import sys
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from multipruner_jax import mesh, pipeline  # noqa: E402
+from multipruner_jax import mesh, pipeline, scoring
 
 _D = pipeline.PruneOptions
 flags.DEFINE_string("model_path", None, "HF model directory or Hub id.", required=True)
@@ -34,7 +31,7 @@ flags.DEFINE_string(
 flags.DEFINE_enum("dtype", _D.dtype, list(pipeline.DTYPES), "Parameter and compute dtype.")
 flags.DEFINE_string("mesh_shape", _D.mesh_shape, "'data,model' device mesh; default all on data.")
 flags.DEFINE_integer("batch_size", _D.batch_size, "Rows per scoring batch; 0 = one per device.")
-flags.DEFINE_enum("scoring_mode", _D.scoring_mode, ["layer", "model"], "Per-layer or whole jit.")
+flags.DEFINE_enum("scoring_mode", _D.scoring_mode, list(scoring.MODES), "Per-layer or whole jit.")
 flags.DEFINE_bool("prefix_cache", _D.prefix_cache, "Reuse layer inputs below a candidate.")
 flags.DEFINE_integer("token_chunk", _D.token_chunk, "Positions per fp32 logits chunk.")
 flags.DEFINE_bool("resume", _D.resume, "Continue the search saved in --output_path.")

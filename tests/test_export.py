@@ -21,8 +21,15 @@ import transformers
 from flax import nnx
 
 from models.decoder import CausalLM
-from models.spec import LayerSpec, ModelSpec, SpecError
-from multipruner_jax import checkpoint, export, hf_io, surgery
+from models.spec import (
+    LayerSpec,
+    ModelSpec,
+    SpecError,
+    count_params,
+    dense_spec,
+    spec_to_hf_config,
+)
+from multipruner_jax import atomic, checkpoint, export, hf_io, pruning_config, surgery
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = ["llama_gqa", "llama_mha", "qwen2", "qwen3", "mistral"]
@@ -140,8 +147,8 @@ def test_padded_matches_stock_transformers(case):
     ours = _cached_logits(case.family)
     assert np.abs(ours).max() > 1.0, "logits too small for the tolerance to mean anything"
     np.testing.assert_allclose(_stock_logits(stock), ours, rtol=0, atol=STOCK_TOL)
-    dense = export.dense_spec(case.model.spec)
-    assert sum(p.numel() for p in stock.parameters()) == surgery.count_params(dense)
+    dense = dense_spec(case.model.spec)
+    assert sum(p.numel() for p in stock.parameters()) == count_params(dense)
     config = stock.config
     assert config.num_key_value_heads == dense.num_key_value_heads
     assert config.intermediate_size == dense.intermediate_size
@@ -205,9 +212,9 @@ def test_compact_has_pruned_shapes_and_no_removed_blocks(case):
         if name in compact:
             assert compact[name] == expected.get(name, shape), name
     assert _weight_bytes(case.compact) < _weight_bytes(case.padded)
-    with open(os.path.join(case.compact, export.CONFIG_FILE)) as f:
+    with open(os.path.join(case.compact, hf_io.CONFIG_FILE)) as f:
         assert json.load(f)["num_key_value_heads"] == spec.num_key_value_heads
-    with open(os.path.join(case.compact, export.PRUNING_CONFIG_FILE)) as f:
+    with open(os.path.join(case.compact, pruning_config.FILE)) as f:
         config = json.load(f)
     unit = spec.q_per_kv * hd
     assert config["pruned_attn_idx"] == [0] and config["pruned_mlp_idx"] == [1]
@@ -216,7 +223,7 @@ def test_compact_has_pruned_shapes_and_no_removed_blocks(case):
 
 
 def test_compact_reloads_with_our_loader(case):
-    reloaded = export.load_model(case.compact)
+    reloaded = hf_io.load_model(case.compact)
     assert reloaded.spec == case.model.spec
     np.testing.assert_array_equal(_logits(reloaded), _cached_logits(case.family))
 
@@ -249,7 +256,7 @@ def test_sharded_export_reloads(fmt, tmp_path):
             _stock_logits(_stock_model(out)), _cached_logits("qwen2"), rtol=0, atol=STOCK_TOL
         )
     else:
-        np.testing.assert_array_equal(_logits(export.load_model(out)), _cached_logits("qwen2"))
+        np.testing.assert_array_equal(_logits(hf_io.load_model(out)), _cached_logits("qwen2"))
 
 
 @pytest.mark.parametrize("dtype, code", [("bfloat16", "BF16"), ("float16", "F16")])
@@ -258,9 +265,9 @@ def test_half_precision_export(dtype, code, tmp_path):
     out = str(tmp_path / "half")
     export.export(model, out, fmt="compact", dtype=dtype)
     assert {entry["dtype"] for entry in _entries(out).values()} == {code}
-    with open(os.path.join(out, export.CONFIG_FILE)) as f:
+    with open(os.path.join(out, hf_io.CONFIG_FILE)) as f:
         assert json.load(f)["dtype"] == dtype
-    reloaded = nnx.to_pure_dict(nnx.state(export.load_model(out)))
+    reloaded = nnx.to_pure_dict(nnx.state(hf_io.load_model(out)))
     original = nnx.to_pure_dict(nnx.state(model))
     for got, want in zip(jax.tree.leaves(reloaded), jax.tree.leaves(original), strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want.astype(dtype), np.float32))
@@ -274,7 +281,7 @@ WINDOWED = ["mistral", "qwen2", "qwen3"]
 )
 def test_config_loads_in_transformers_and_reads_back(family, window, tmp_path):
     spec = dataclasses.replace(tiny_models.spec(family), sliding_window=window)
-    config = export.hf_config(spec)
+    config = spec_to_hf_config(spec)
     with open(tmp_path / "config.json", "w") as f:
         json.dump(config, f)
     stock = transformers.AutoConfig.from_pretrained(str(tmp_path))
@@ -297,7 +304,7 @@ def test_config_loads_in_transformers_and_reads_back(family, window, tmp_path):
 def test_config_refuses_a_spec_its_family_cannot_express(family, change):
     spec = dataclasses.replace(tiny_models.spec(family), **change)
     with pytest.raises(SpecError, match="cannot be written"):
-        export.hf_config(spec)
+        spec_to_hf_config(spec)
 
 
 def test_compact_keeps_the_search_order_from_pruning_config(tmp_path, caplog):
@@ -318,16 +325,16 @@ def test_compact_keeps_the_search_order_from_pruning_config(tmp_path, caplog):
         "pruned_mlp_width": {str(i): spec.intermediate_size for i in range(4)},
         "weight_reorder": True,
     }
-    checkpoint.write_json(str(run / "pruning_config.json"), config)
+    atomic.write_json(str(run / "pruning_config.json"), config)
     export.export_checkpoint(str(run / "checkpoint"), str(tmp_path / "a"), fmt="compact")
-    assert checkpoint.read_json(str(tmp_path / "a" / "pruning_config.json")) == config
+    assert atomic.read_json(str(tmp_path / "a" / "pruning_config.json")) == config
 
-    checkpoint.write_json(str(run / "pruning_config.json"), {**config, "pruned_mlp_idx": [3]})
+    atomic.write_json(str(run / "pruning_config.json"), {**config, "pruned_mlp_idx": [3]})
     export.export_checkpoint(str(run / "checkpoint"), str(tmp_path / "b"), fmt="compact")
-    written = checkpoint.read_json(str(tmp_path / "b" / "pruning_config.json"))
+    written = atomic.read_json(str(tmp_path / "b" / "pruning_config.json"))
     assert written["pruned_mlp_idx"] == [1, 3] and "weight_reorder" not in written
     assert "does not match" in caplog.text
-    assert export.read_spec(str(tmp_path / "b")) == spec
+    assert hf_io.read_spec(str(tmp_path / "b")) == spec
 
 
 def test_existing_output_is_refused_unless_overwrite(tmp_path):
@@ -394,8 +401,8 @@ def test_cli(tmp_path):
     checkpoint.save(ckpt, _pruned("qwen2"))
     done = _cli(f"--checkpoint={ckpt}", f"--out={out}", "--format=compact", "--dtype=bfloat16")
     assert done.returncode == 0, done.stderr
-    assert export.read_spec(out) == _pruned("qwen2").spec
+    assert hf_io.read_spec(out) == _pruned("qwen2").spec
     assert {entry["dtype"] for entry in _entries(out).values()} == {"BF16"}
     again = _cli(f"--checkpoint={ckpt}", f"--out={out}")
     assert again.returncode != 0 and "not empty" in again.stderr
-    assert export.read_spec(out) == _pruned("qwen2").spec
+    assert hf_io.read_spec(out) == _pruned("qwen2").spec

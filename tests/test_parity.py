@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_models
 import torch
 import transformers
 from jax.sharding import Mesh, NamedSharding
@@ -28,56 +29,18 @@ from safetensors.numpy import load_file, save_file
 from models import attention
 from models.spec import LayerSpec, RopeSpec, SpecError, spec_from_hf_config
 from multipruner_jax import hf_io
+from multipruner_jax.mesh import ShardingFor
 
-VOCAB = 101
+VOCAB = tiny_models.BASE["vocab_size"]
 SEQ = 24
 FP32_TOL = 1e-4
-
-BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2)
-LLAMA3_ROPE = {
-    "rope_type": "llama3",
-    "rope_theta": 500000.0,
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 16,
-}
-FAMILIES = {
-    "llama_mha": ("llama", dict(num_attention_heads=4, num_key_value_heads=4)),
-    "llama_gqa_llama3_tied": (
-        "llama",
-        dict(
-            num_attention_heads=8,
-            num_key_value_heads=2,
-            rope_parameters=LLAMA3_ROPE,
-            max_position_embeddings=128,
-            tie_word_embeddings=True,
-        ),
-    ),
-    "mistral": ("mistral", dict(num_attention_heads=8, num_key_value_heads=2)),
-    "mistral_window8": (
-        "mistral",
-        dict(num_attention_heads=8, num_key_value_heads=2, sliding_window=8),
-    ),
-    "qwen2_bias_tied": (
-        "qwen2",
-        dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
-    ),
-    "qwen3_qknorm": ("qwen3", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32)),
-}
+FAMILIES = list(tiny_models.FAMILIES)
+LAYERS = 2
 
 
-def _hf_model(family: str, seed: int = 0) -> transformers.PreTrainedModel:
-    """A tiny random fp32 HF causal LM of ``family`` with all parameters re-drawn."""
-    model_type, overrides = FAMILIES[family]
-    config = transformers.AutoConfig.for_model(model_type, **BASE, **overrides)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape)
-            p.copy_(1.0 + 0.2 * noise if name.endswith("norm.weight") else 0.15 * noise)
-    return model
+def _hf_model(family: str, **overrides) -> transformers.PreTrainedModel:
+    """``tiny_models.hf_model`` with ``LAYERS`` layers."""
+    return tiny_models.hf_model(family, num_hidden_layers=LAYERS, **overrides)
 
 
 def _save(model: transformers.PreTrainedModel, path, **kwargs) -> str:
@@ -114,11 +77,11 @@ def test_fp32_logits_match_transformers(family, tmp_path):
     np.testing.assert_allclose(ours, ref, rtol=0, atol=FP32_TOL)
 
 
-@pytest.mark.parametrize("family", ["llama_gqa_llama3_tied", "mistral_window8"])
-def test_long_sequence_matches_transformers(family, tmp_path):
+@pytest.mark.parametrize("family, window", [("llama_gqa", None), ("mistral", 8)])
+def test_long_sequence_matches_transformers(family, window, tmp_path):
     """300 tokens > ``attention.BLOCK``: on CPU the blocked attention runs (2 blocks, padded)."""
     assert 300 > attention.BLOCK and 300 % attention.BLOCK
-    hf = _hf_model(family)
+    hf = _hf_model(family, sliding_window=window) if window else _hf_model(family)
     path = _save(hf, tmp_path)
     tokens = _tokens(batch=1, seq=300)
     np.testing.assert_allclose(
@@ -150,7 +113,7 @@ def test_blocked_attention_matches_xla_attention(seq, window, dtype):
 
 def test_sliding_window_matters(tmp_path):
     """With window 8 < seq 24 the window changes HF's logits, and we follow it."""
-    hf = _hf_model("mistral_window8")
+    hf = _hf_model("mistral", sliding_window=8)
     path = _save(hf, tmp_path)
     tokens = _tokens()
     ref = _hf_logits(hf, tokens)
@@ -185,7 +148,7 @@ def test_bf16_logits_close_to_transformers_fp32(family, tmp_path):
 
 
 def test_sharded_index_checkpoint_loads_identically(tmp_path):
-    hf = _hf_model("qwen3_qknorm")
+    hf = _hf_model("qwen3")
     single = _save(hf, tmp_path / "single")
     sharded = _save(hf, tmp_path / "sharded", max_shard_size="60KB")
     assert os.path.exists(os.path.join(sharded, hf_io.INDEX_FILE))
@@ -241,7 +204,7 @@ def _reads_of(reads: list[tuple[str, tuple[int, ...]]], tensor: str) -> list[tup
     return [shape for name, shape in reads if name == tensor]
 
 
-def _split_kernel_outputs(mesh: Mesh) -> hf_io.ShardingFor:
+def _split_kernel_outputs(mesh: Mesh) -> ShardingFor:
     """Kernels split on the output axis over mesh axis "model" where divisible, else replicated."""
     size = mesh.shape["model"]
 
@@ -258,7 +221,7 @@ def test_load_onto_named_sharding(tmp_path, read_log):
     Each device's shard is read from the file on its own: a split kernel is read as 8 slices
     of 1/8 of the tensor, a replicated tensor once, whole.
     """
-    hf = _hf_model("qwen2_bias_tied")
+    hf = _hf_model("qwen2")
     path = _save(hf, tmp_path)
     mesh = Mesh(np.array(jax.devices()), ("model",))
     n = mesh.size
@@ -321,7 +284,7 @@ def test_pruned_spec_skips_removed_block(tmp_path):
 
 def test_pruned_spec_with_fewer_kv_groups_loads_compact_tensors(tmp_path):
     """A compact checkpoint (layer 0 keeps 1 of 2 KV groups) loads with its spec's shapes."""
-    hf = _hf_model("qwen2_bias_tied")
+    hf = _hf_model("qwen2")
     path = _save(hf, tmp_path)
     file = os.path.join(path, hf_io.SINGLE_FILE)
     tensors = load_file(file)
@@ -410,7 +373,7 @@ def test_unsupported_dtype(tmp_path):
 @pytest.mark.parametrize("type_key", ["type", "rope_type"])
 def test_transformers4_rope_config_gives_same_logits(type_key, tmp_path):
     """A 4.x config (top-level rope_theta, rope_scaling with "type"/"rope_type") loads the same."""
-    hf = _hf_model("llama_gqa_llama3_tied")
+    hf = _hf_model("llama_gqa")
     path = _save(hf, tmp_path)
     config_file = os.path.join(path, "config.json")
     with open(config_file) as f:
@@ -436,7 +399,7 @@ def test_transformers4_rope_config_gives_same_logits(type_key, tmp_path):
 
 
 def test_transformers4_linear_rope_and_null_scaling():
-    base = dict(model_type="llama", **BASE, num_attention_heads=4)
+    base = dict(tiny_models.BASE, model_type="llama", num_attention_heads=4, num_hidden_layers=2)
     linear = spec_from_hf_config(
         {**base, "rope_theta": 1e6, "rope_scaling": {"type": "linear", "factor": 2.0}}
     )

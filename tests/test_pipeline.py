@@ -82,7 +82,7 @@ def test_search_writes_every_output(searched):
         )
     restored = checkpoint.restore(str(out / "checkpoint"))
     assert restored.spec.num_layers == 4
-    assert not os.path.exists(str(out / "checkpoint") + ".tmp")
+    assert not [name for name in os.listdir(out) if name.startswith(".checkpoint")]
 
 
 def test_applying_our_config_reproduces_the_searched_model(searched, model_dir, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import tiny_models
 
 from models import masks as masks_lib
-from models.spec import LayerSpec, ModelSpec, spec_from_hf_config
+from models.spec import LayerSpec, ModelSpec, count_params, pruned_ratio, spec_from_hf_config
 from multipruner_jax import pruning_config, surgery
 
 LLAMA2_7B = dict(
@@ -66,7 +66,7 @@ def _logits(model, tokens, masks=None):
     ids=["llama2-7b", "llama3-8b", "qwen2.5-7b", "llama3.2-3b"],
 )
 def test_dense_parameter_counts_match_the_papers(config, expected):
-    assert surgery.count_params(spec_from_hf_config(config)) == expected
+    assert count_params(spec_from_hf_config(config)) == expected
 
 
 def test_llama2_7b_ratio_22_count_from_config_alone():
@@ -81,8 +81,8 @@ def test_llama2_7b_ratio_22_count_from_config_alone():
     for n in range(23):  # 23 heads of 128 from surviving attention blocks
         layers[9 + n]["kv_groups"] -= 1
     pruned = dense.replace_layers([LayerSpec(**layer) for layer in layers])
-    assert surgery.count_params(pruned) == 5_258_874_880
-    assert round(surgery.pruned_ratio(pruned, dense), 2) == 21.96
+    assert count_params(pruned) == 5_258_874_880
+    assert round(pruned_ratio(pruned, dense), 2) == 21.96
 
 
 @pytest.mark.parametrize("family", list(tiny_models.FAMILIES))
@@ -141,7 +141,7 @@ def test_masked_model_equals_shrunk_model(family):
     assert shrunk.spec == small
     np.testing.assert_allclose(_logits(shrunk, tokens), _logits(model, tokens, masks), atol=1e-5)
     leaves = sum(x.size for x in jax_leaves(shrunk))
-    assert leaves == surgery.count_params(small) < surgery.count_params(spec)
+    assert leaves == count_params(small) < count_params(spec)
 
 
 def jax_leaves(model):
@@ -168,10 +168,10 @@ def test_pruning_config_round_trip():
     layers[1] = dataclasses.replace(layers[1], has_attn=False)
     layers[3] = dataclasses.replace(layers[3], has_mlp=False, kv_groups=1, mlp_width=48)
     pruned = dense.replace_layers(layers)
-    config = pruning_config.to_dict(pruned, attn_order=[1], mlp_order=[3], weight_reorder=True)
+    config = pruning_config.from_spec(pruned, attn_order=[1], mlp_order=[3], weight_reorder=True)
     assert config["pruned_attn_width"]["3"] == 1 * dense.head_dim * dense.q_per_kv
     assert config["pruned_mlp_width"]["3"] == 48
-    assert pruning_config.apply(dense, config) == pruned
+    assert pruning_config.to_spec(dense, config) == pruned
 
 
 @pytest.mark.parametrize(
@@ -185,10 +185,10 @@ def test_pruning_config_round_trip():
 )
 def test_pruning_config_errors(change, message):
     dense = tiny_models.spec("llama_gqa")
-    config = pruning_config.to_dict(dense, attn_order=[], mlp_order=[], weight_reorder=False)
+    config = pruning_config.from_spec(dense, attn_order=[], mlp_order=[], weight_reorder=False)
     config.update(change)
     with pytest.raises(pruning_config.PruningConfigError, match=message):
-        pruning_config.apply(dense, config)
+        pruning_config.to_spec(dense, config)
 
 
 @pytest.mark.parametrize("family", list(tiny_models.FAMILIES))

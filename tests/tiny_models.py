@@ -1,8 +1,14 @@
-"""Tiny model specs of every supported family (no torch), for surgery and search tests."""
+"""The tiny model families every test uses, and the one builder of random HF torch models.
+
+``FAMILIES`` holds HF ``config.json`` overrides per family on top of ``BASE``; ``spec`` parses them
+with our own config reader, ``model`` builds a random JAX model from the spec, ``hf_model`` a
+random transformers model from the same config (torch is imported only there).
+"""
 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import numpy as np
 from flax import nnx
@@ -12,31 +18,41 @@ from models.decoder import CausalLM
 from models.spec import ModelSpec, spec_from_hf_config
 
 BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4)
-FAMILIES = {
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+FAMILIES: dict[str, dict[str, Any]] = {
     "llama_mha": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=4),
-    "llama_gqa": dict(
+    "llama_gqa": dict(  # GQA, llama3 rope scaling, tied embeddings
         model_type="llama",
         num_attention_heads=8,
         num_key_value_heads=2,
+        rope_parameters=LLAMA3_ROPE,
+        max_position_embeddings=128,
         tie_word_embeddings=True,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 16,
-        },
     ),
     "mistral": dict(model_type="mistral", num_attention_heads=8, num_key_value_heads=2),
-    "qwen2": dict(
+    "qwen2": dict(  # q/k/v biases, tied embeddings
         model_type="qwen2", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True
     ),
-    "qwen3": dict(model_type="qwen3", num_attention_heads=4, num_key_value_heads=2, head_dim=32),
+    "qwen3": dict(  # q/k norms, head_dim != hidden / heads
+        model_type="qwen3", num_attention_heads=4, num_key_value_heads=2, head_dim=32
+    ),
 }
 
 
-def spec(family: str) -> ModelSpec:
-    return spec_from_hf_config({**BASE, **FAMILIES[family]})
+def config(family: str, **overrides: Any) -> dict[str, Any]:
+    """The HF ``config.json`` dict of ``family`` (with ``overrides``)."""
+    return {**BASE, **FAMILIES[family], **overrides}
+
+
+def spec(family: str, **overrides: Any) -> ModelSpec:
+    return spec_from_hf_config(config(family, **overrides))
 
 
 def model(family: str, seed: int = 0) -> CausalLM:
@@ -62,6 +78,33 @@ def tokens(rows: int, seq: int, vocab: int = BASE["vocab_size"], seed: int = 0) 
     return np.random.default_rng(seed).integers(0, vocab, (rows, seq)).astype(np.int32)
 
 
+def hf_model(family: str, seed: int = 0, **overrides: Any):
+    """A random fp32 transformers causal LM of ``family`` (bos id 0, eos id 1) in eval mode.
+
+    Every parameter is re-drawn (biases non-zero, norm weights ``1 + 0.2 N(0, 1)``, the rest
+    ``0.15 N(0, 1)``) so that each tensor, transposed or not, visibly affects the logits.
+    """
+    import torch
+    import transformers
+
+    cfg = config(family, **overrides)
+    model_type = cfg.pop("model_type")
+    hf_config = transformers.AutoConfig.for_model(model_type, bos_token_id=0, eos_token_id=1, **cfg)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape)
+            p.copy_(1.0 + 0.2 * noise if name.endswith("norm.weight") else 0.15 * noise)
+    return model
+
+
+def save_hf_model(path: str, family: str, seed: int = 0, **overrides: Any) -> str:
+    """``hf_model(family, seed, **overrides)`` saved with ``save_pretrained``; returns ``path``."""
+    hf_model(family, seed, **overrides).save_pretrained(path)
+    return str(path)
+
+
 def tiny_tokenizer(path: str, corpus: list[str], vocab_size: int = 300):
     """Train a byte-level BPE tokenizer on ``corpus`` and save it to ``path`` (offline)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -79,22 +122,3 @@ def tiny_tokenizer(path: str, corpus: list[str], vocab_size: int = 300):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
     fast.save_pretrained(path)
     return fast
-
-
-def save_hf_model(path: str, family: str, vocab_size: int, seed: int = 0, **overrides) -> None:
-    """A random HF torch model of ``family`` (tiny dims) saved with ``save_pretrained``."""
-    import torch
-    import transformers
-
-    cfg = {**BASE, **FAMILIES[family], "vocab_size": vocab_size, **overrides}
-    model_type = cfg.pop("model_type")
-    config = transformers.AutoConfig.for_model(model_type, bos_token_id=0, eos_token_id=1, **cfg)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            p.normal_(0.0, 0.2)
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.add_(1.0)
-    model.save_pretrained(path)
