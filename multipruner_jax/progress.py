@@ -6,7 +6,7 @@ import sys
 import time
 from typing import TextIO
 
-from multipruner_jax.search import Progress, Step
+from multipruner_jax.search import Progress, Shortfall, Stage, Step
 
 
 def _clock(seconds: float) -> str:
@@ -25,13 +25,21 @@ class ConsoleProgress(Progress):
         self._last = 0.0
 
     def candidate(
-        self, stage: str, step: int, done: int, total: int, best: float, ratio: float, eta: float
+        self,
+        stage: Stage,
+        step: int,
+        done: int,
+        total: int,
+        best: float,
+        ratio: float,
+        eta: float,
+        search_eta: float,
     ) -> None:
         if not self.enabled:
             return
         line = (
             f"[{stage}] step {step}: candidates {done}/{total}, best ppl {best:.4f}, "
-            f"ratio {ratio:.2f}%, step ETA {_clock(eta)}"
+            f"ratio {ratio:.2f}%, step ETA {_clock(eta)}, search ETA ~{_clock(search_eta)}"
         )
         now = time.monotonic()
         if self.live:
@@ -41,7 +49,7 @@ class ConsoleProgress(Progress):
             self._last = now
             print(line, file=self.stream, flush=True)
 
-    def accepted(self, record: Step) -> None:
+    def accepted(self, record: Step, search_eta: float) -> None:
         if not self.enabled:
             return
         if self.live:
@@ -49,10 +57,15 @@ class ConsoleProgress(Progress):
         print(
             f"[{record.stage}] step {record.step}: removed {record.candidate.describe()} "
             f"-> ppl {record.ppl:.4f}, ratio {record.ratio:.2f}% (target {record.target:.2f}%), "
-            f"{record.candidates} candidates in {record.seconds:.1f}s, {record.compiles} compiles",
+            f"{record.candidates} candidates in {record.seconds:.1f}s, {record.compiles} compiles"
+            f", search ETA ~{_clock(search_eta)}",
             file=self.stream,
             flush=True,
         )
+
+    def exhausted(self, shortfall: Shortfall) -> None:
+        if self.enabled:
+            print(f"warning: {shortfall.describe()}", file=self.stream, flush=True)
 
 
 def summary_table(steps: list[Step]) -> str:

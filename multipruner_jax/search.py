@@ -18,7 +18,7 @@ from typing import Any, Literal, get_args
 from models import masks as masks_lib
 from models.decoder import CausalLM
 from models.masks import Masks
-from models.spec import ModelSpec, pruned_ratio
+from models.spec import ModelSpec, count_params, pruned_ratio
 from multipruner_jax import surgery
 from multipruner_jax.mesh import ShardingFor
 from multipruner_jax.scoring import Scorer
@@ -75,6 +75,79 @@ def check_group_sizes(spec: ModelSpec, mlp_group: int, attn_group: int) -> None:
             f"query heads per KV head = {spec.head_dim} x {spec.q_per_kv} = {unit} "
             "(whole KV groups)"
         )
+
+
+def _changed(spec: ModelSpec, layers: range | list[int], **change: Any) -> ModelSpec:
+    """``spec`` with the ``LayerSpec`` fields in ``change`` set on ``layers``."""
+    new = list(spec.layers)
+    for i in layers:
+        new[i] = dataclasses.replace(new[i], **change)
+    return spec.replace_layers(new)
+
+
+def _smallest_width(width: int, group: int) -> int:
+    """The narrowest width a stage leaves: it removes ``group`` units while more would remain."""
+    return (width - 1) % group + 1
+
+
+def check_targets(dense: ModelSpec, settings: Settings) -> None:
+    """Raise ``ValueError`` when a stage's cumulative target is out of its reach on ``dense``.
+
+    Computed from the spec alone. Each bound is an upper limit whatever the earlier stages pick:
+    stage 1 stops at most one block past its target; stage 2 can at most narrow every MLP to its
+    smallest width; stage 3 every attention block to its last KV groups. A target above its bound
+    cannot be met, so the run is refused before any weight is read.
+    """
+    total = count_params(dense)
+    every = range(dense.num_layers)
+
+    def removed(spec: ModelSpec) -> float:
+        """Percent of ``dense``'s parameters that ``spec`` lacks."""
+        return 100.0 * (total - count_params(spec)) / total
+
+    (a, b, c), targets = settings.distribution, settings.stage_targets()
+    mlp_min = _smallest_width(dense.intermediate_size, settings.mlp_group)
+    kv_min = _smallest_width(dense.num_key_value_heads, _kv_groups_per_step(dense, settings))
+    largest_block = max(
+        removed(_changed(dense, [i], **{kind: False}))
+        for i in every
+        for kind in ("has_attn", "has_mlp")
+    )
+    mlp_step = removed(
+        _changed(dense, [0], mlp_width=max(mlp_min, dense.intermediate_size - settings.mlp_group))
+    )
+
+    def refuse(stage: str, target: float, most: float, why: str) -> None:
+        raise ValueError(
+            f"--target_ratio={settings.target_ratio:g} with this --pruning_distribution asks the "
+            f"{stage} stage to reach {target:.2f}% removed, but it can reach at most "
+            f"{most:.2f}% ({why}); lower the target or change the distribution or group sizes"
+        )
+
+    after_blocks = 0.0
+    if a > 0:
+        most = removed(_changed(dense, every, has_attn=False, has_mlp=False))
+        if targets[0] > most:
+            refuse("block", targets[0], most, "every attention and MLP block removed")
+        after_blocks = targets[0] + largest_block
+    after_mlp = after_blocks
+    if b > 0:
+        most = after_blocks + removed(_changed(dense, every, mlp_width=mlp_min))
+        if targets[1] > most:
+            why = (
+                f"--mlp_channel_group_size={settings.mlp_group} leaves every MLP at least "
+                f"{mlp_min} channels"
+            )
+            refuse("MLP-width", targets[1], most, why)
+        after_mlp = max(after_blocks, targets[1] + mlp_step)
+    if c > 0:
+        most = after_mlp + removed(_changed(dense, every, kv_groups=kv_min))
+        if targets[2] > most:
+            why = (
+                f"--attn_channel_group_size={settings.attn_group} leaves every attention block "
+                f"at least {kv_min} of its {dense.num_key_value_heads} KV groups"
+            )
+            refuse("attention-head", targets[2], most, why)
 
 
 @dataclass(frozen=True)
@@ -164,11 +237,28 @@ class Step:
         return Candidate(self.stage, self.kind, self.layer)
 
 
+@dataclass(frozen=True)
+class Shortfall:
+    """A stage that ran out of candidates before its cumulative target."""
+
+    stage: Stage
+    ratio: float
+    target: float
+
+    def describe(self) -> str:
+        return (
+            f"the {self.stage} stage ran out of candidates at {self.ratio:.2f}% removed "
+            f"(its target {self.target:.2f}%)"
+        )
+
+
 @dataclass
 class SearchState:
-    """Everything needed to resume: the accepted steps, in order."""
+    """Everything needed to resume: the accepted steps, in order (``shortfalls`` are found again
+    when a resumed search replays, so they are not saved)."""
 
     steps: list[Step] = field(default_factory=list)
+    shortfalls: list[Shortfall] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"steps": [dataclasses.asdict(s) for s in self.steps]}
@@ -185,15 +275,56 @@ class SearchState:
 
 
 class Progress:
-    """Receives live search progress; the default prints nothing."""
+    """Receives live search progress; the default prints nothing.
+
+    ``eta`` is the rest of the current step; ``search_eta`` the rest of the whole search, an
+    estimate (see ``remaining_seconds``).
+    """
 
     def candidate(
-        self, stage: Stage, step: int, done: int, total: int, best: float, ratio: float, eta: float
+        self,
+        stage: Stage,
+        step: int,
+        done: int,
+        total: int,
+        best: float,
+        ratio: float,
+        eta: float,
+        search_eta: float,
     ) -> None:
         pass
 
-    def accepted(self, record: Step) -> None:
+    def accepted(self, record: Step, search_eta: float) -> None:
         pass
+
+    def exhausted(self, shortfall: Shortfall) -> None:
+        pass
+
+
+def remaining_seconds(
+    spec: ModelSpec,
+    dense: ModelSpec,
+    settings: Settings,
+    seconds_per_candidate: dict[Stage, float],
+) -> float:
+    """Estimated seconds until the search ends from ``spec``.
+
+    Each remaining stage needs about ``(target - ratio) / (ratio one step removes)`` steps, the
+    block stage's steps removing an average remaining block; a step scores every candidate of its
+    stage (one fewer per step in the block stage) at the measured cost per candidate.
+    """
+    ratio = pruned_ratio(spec, dense)
+    seconds = 0.0
+    for stage, target in zip(STAGES, settings.stage_targets(), strict=True):
+        cands = candidates(stage, spec, settings)
+        if ratio >= target or not cands:
+            continue
+        deltas = [pruned_ratio(remove(spec, c, settings), dense) - ratio for c in cands]
+        steps = math.ceil((target - ratio) / (sum(deltas) / len(deltas)))
+        scored = sum(max(len(cands) - (k if stage == "block" else 0), 1) for k in range(steps))
+        seconds += scored * seconds_per_candidate[stage]
+        ratio = target
+    return seconds
 
 
 def search(
@@ -216,14 +347,21 @@ def search(
     spec = state.spec(dense, settings)
     if state.steps:
         model = surgery.shrink(model, spec, sharding_for)
+    per_candidate = _CostModel(scorers)
     for stage, target in zip(STAGES, settings.stage_targets(), strict=True):
-        scorer = scorers["block" if stage == "block" else "width"]
+        scorer = scorers[scorer_for(stage)]
         while pruned_ratio(spec, dense) < target:
             cands = candidates(stage, spec, settings)
             if not cands:
+                shortfall = Shortfall(stage, pruned_ratio(spec, dense), target)
+                state.shortfalls.append(shortfall)
+                progress.exhausted(shortfall)
                 break
             start_time, start_compiles = time.perf_counter(), scorer.compiles.count
             ratio = pruned_ratio(spec, dense)
+            later = remaining_seconds(
+                remove(spec, cands[0], settings), dense, settings, per_candidate.estimates()
+            )
             cache = scorer.prefix_cache(model) if settings.prefix_cache else None
             best, best_ppl = None, math.inf
             for j, cand in enumerate(cands):
@@ -234,7 +372,9 @@ def search(
                     best, best_ppl = cand, ppl
                 elapsed = time.perf_counter() - start_time
                 eta = elapsed / (j + 1) * (len(cands) - j - 1)
-                progress.candidate(stage, len(state.steps), j + 1, len(cands), best_ppl, ratio, eta)
+                progress.candidate(
+                    stage, len(state.steps), j + 1, len(cands), best_ppl, ratio, eta, eta + later
+                )
             if best is None:
                 raise FloatingPointError(f"{stage} step {len(state.steps)}: every score was NaN")
             del cache
@@ -253,10 +393,38 @@ def search(
                 compiles=scorer.compiles.count - start_compiles,
             )
             state.steps.append(record)
-            progress.accepted(record)
+            per_candidate.measured(record)
+            progress.accepted(
+                record, remaining_seconds(spec, dense, settings, per_candidate.estimates())
+            )
             if on_step is not None:
                 on_step(state, model)
     return model, state
+
+
+def scorer_for(stage: Stage) -> str:
+    """Which calibration set scores ``stage``: ``"block"`` or ``"width"``."""
+    return "block" if stage == "block" else "width"
+
+
+class _CostModel:
+    """Seconds per scored candidate, by calibration set: the last step's, or before a set was
+    measured, the other set's scaled by their row counts."""
+
+    def __init__(self, scorers: dict[str, Scorer]):
+        self.rows = {name: scorer.rows for name, scorer in scorers.items()}
+        self.seconds: dict[str, float] = {}
+
+    def measured(self, step: Step) -> None:
+        self.seconds[scorer_for(step.stage)] = step.seconds / step.candidates
+
+    def estimates(self) -> dict[Stage, float]:
+        per_row = [self.seconds[name] / self.rows[name] for name in self.seconds]
+        fallback = sum(per_row) / len(per_row) if per_row else 0.0
+        return {
+            stage: self.seconds.get(scorer_for(stage), fallback * self.rows[scorer_for(stage)])
+            for stage in STAGES
+        }
 
 
 def removal_orders(state: SearchState) -> tuple[list[int], list[int]]:

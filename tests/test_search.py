@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tiny_models
 
-from models.spec import pruned_ratio
+from models.spec import pruned_ratio, spec_from_hf_config
 from multipruner_jax import search, surgery
 from multipruner_jax.scoring import Scorer
 
@@ -50,6 +50,7 @@ def _decisions(state: search.SearchState) -> list[tuple[str, str, int]]:
 @pytest.mark.parametrize("family", list(tiny_models.FAMILIES))
 def test_search_reaches_each_stage_target_deterministically(family):
     settings = _settings(family)
+    search.check_targets(tiny_models.spec(family), settings)  # reachable, so not refused
     dense, pruned, state, _ = _run(family, settings)
     assert pruned_ratio(pruned.spec, dense) >= settings.target_ratio
     assert pruned.spec == state.spec(dense, settings)
@@ -147,3 +148,68 @@ def test_group_size_rules():
         search.check_group_sizes(spec, 40, 32)
     with pytest.raises(ValueError, match="whole KV groups"):
         search.check_group_sizes(spec, 32, 8)
+
+
+SMOLLM2 = dict(  # the real SmolLM2-135M dimensions (config only)
+    model_type="llama",
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    tie_word_embeddings=True,
+)
+
+
+@pytest.mark.parametrize(
+    "distribution, mlp, attn, target, stage",
+    [
+        ("0:0:1", 512, 576, 5.0, "attention-head"),  # one group is every KV group: no candidates
+        ("20:80:0", 1536, 192, 10.0, "MLP-width"),  # one group is the whole MLP
+        ("1:0:0", 512, 192, 99.0, "block"),  # more than all blocks together
+        ("0:1:0", 512, 192, 60.0, "MLP-width"),  # every MLP down to 512 channels is ~45 %
+    ],
+)
+def test_unreachable_stage_targets_are_refused(distribution, mlp, attn, target, stage):
+    dense = spec_from_hf_config(SMOLLM2)
+    settings = search.Settings(
+        target_ratio=target,
+        distribution=search.parse_distribution(distribution),
+        mlp_group=mlp,
+        attn_group=attn,
+    )
+    with pytest.raises(ValueError, match=f"asks the {stage} stage to reach"):
+        search.check_targets(dense, settings)
+
+
+@pytest.mark.parametrize("target", [5.0, 10.0, 20.0, 40.0])
+def test_the_demo_settings_are_reachable(target):
+    dense = spec_from_hf_config(SMOLLM2)
+    settings = search.Settings(target, search.parse_distribution("20:80:0"), 512, 192)
+    search.check_targets(dense, settings)
+
+
+def test_a_stage_out_of_candidates_is_recorded():
+    settings = _settings("llama_gqa", target_ratio=90.0, distribution=(0.0, 1.0, 0.0))
+    dense = tiny_models.spec("llama_gqa")
+    with pytest.raises(ValueError, match="MLP-width"):
+        search.check_targets(dense, settings)
+    _, pruned, state, _ = _run("llama_gqa", settings)
+    assert [s.stage for s in state.shortfalls] == ["mlp_width", "attn_head"]
+    assert all(layer.mlp_width == 32 and layer.kv_groups == 1 for layer in pruned.spec.layers)
+    assert state.shortfalls[0].ratio < 90.0 and "ran out of candidates" in (
+        state.shortfalls[0].describe()
+    )
+
+
+def test_remaining_seconds_counts_the_candidates_left():
+    dense = tiny_models.spec("llama_gqa")  # 4 layers, MLP width 96 in groups of 32
+    settings = _settings("llama_gqa", target_ratio=30.0, distribution=(0.0, 1.0, 0.0))
+    cost = {"block": 1.0, "mlp_width": 2.0, "attn_head": 3.0}
+    one_group = pruned_ratio(
+        search.remove(dense, search.Candidate("mlp_width", "mlp", 0), settings), dense
+    )
+    steps = -(-30.0 // one_group)
+    assert search.remaining_seconds(dense, dense, settings, cost) == steps * 4 * 2.0
+    assert search.remaining_seconds(dense, dense, settings, {**cost, "mlp_width": 0.0}) == 0.0
