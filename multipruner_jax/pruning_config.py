@@ -47,44 +47,94 @@ def from_spec(
     return config
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _layer_index(key: Any, n: int, what: str) -> int:
-    try:
-        i = int(key)
-    except (TypeError, ValueError):
-        raise PruningConfigError(f"{what}: layer key {key!r} is not an integer") from None
-    if not 0 <= i < n:
-        raise PruningConfigError(f"{what}: layer {i} is outside 0..{n - 1}")
-    return i
+    if isinstance(key, str) and key.strip().lstrip("-").isdigit():
+        key = int(key)
+    if not _is_int(key):
+        raise PruningConfigError(f"{what}: layer {key!r} is not an integer layer index")
+    if not 0 <= key < n:
+        raise PruningConfigError(f"{what}: layer {key} is outside 0..{n - 1} (the model has {n})")
+    return key
+
+
+def _removed_layers(config: dict[str, Any], key: str, n: int) -> set[int]:
+    value = config[key]
+    if not isinstance(value, list):
+        raise PruningConfigError(f"{key} must be a list of layer indices, got {value!r}")
+    layers = [_layer_index(i, n, key) for i in value]
+    if len(set(layers)) != len(layers):
+        raise PruningConfigError(f"{key} lists a layer more than once: {value}")
+    return set(layers)
+
+
+def _widths(config: dict[str, Any], key: str, n: int) -> dict[int, int]:
+    """``config[key]`` as ``{layer: width}`` with every layer ``0..n-1`` exactly once."""
+    value = config[key]
+    if not isinstance(value, dict):
+        raise PruningConfigError(f"{key} must map every layer to a width, got {value!r}")
+    widths: dict[int, int] = {}
+    for k, width in value.items():
+        i = _layer_index(k, n, key)
+        if i in widths:
+            raise PruningConfigError(f"{key} gives layer {i} twice")
+        if not _is_int(width):
+            raise PruningConfigError(f"{key}[{i}]={width!r} is not an integer channel count")
+        widths[i] = width
+    missing = sorted(set(range(n)) - set(widths))
+    if missing:
+        raise PruningConfigError(
+            f"{key} lacks layers {_ranges(missing)} of the {n}-layer model "
+            "(was it made for another model?)"
+        )
+    return widths
+
+
+def _ranges(layers: list[int]) -> str:
+    """``[3, 4, 5, 9]`` -> ``"3..5, 9"``."""
+    runs: list[list[int]] = []
+    for i in layers:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in runs)
 
 
 def to_spec(dense: ModelSpec, config: dict[str, Any]) -> ModelSpec:
-    """The pruned spec that ``config`` describes on top of the ``dense`` spec."""
+    """The pruned spec that ``config`` describes on top of the ``dense`` spec.
+
+    Every layer of ``dense`` must appear in both width maps; widths are integers within the dense
+    width, attention widths whole KV groups (multiples of ``head_dim x q_per_kv``).
+    """
+    if not isinstance(config, dict):
+        raise PruningConfigError(f"a pruning config is a JSON object, got {type(config).__name__}")
+    missing = [key for key in KEYS if key not in config]
+    if missing:
+        raise PruningConfigError(f"pruning config lacks {', '.join(map(repr, missing))}")
     n = dense.num_layers
     unit = dense.head_dim * dense.q_per_kv
-    layers = [dict(vars(layer)) for layer in dense.layers]
-    for key in KEYS:
-        if key not in config:
-            raise PruningConfigError(f"pruning config lacks {key!r}")
-    for i in config["pruned_attn_idx"]:
-        layers[_layer_index(i, n, "pruned_attn_idx")]["has_attn"] = False
-    for i in config["pruned_mlp_idx"]:
-        layers[_layer_index(i, n, "pruned_mlp_idx")]["has_mlp"] = False
-    for key, width in config["pruned_attn_width"].items():
-        i = _layer_index(key, n, "pruned_attn_width")
-        if width % unit or not 0 < width <= dense.num_attention_heads * dense.head_dim:
+    full_attn = dense.num_attention_heads * dense.head_dim
+    no_attn = _removed_layers(config, "pruned_attn_idx", n)
+    no_mlp = _removed_layers(config, "pruned_mlp_idx", n)
+    attn = _widths(config, "pruned_attn_width", n)
+    mlp = _widths(config, "pruned_mlp_width", n)
+    layers = []
+    for i in range(n):
+        if attn[i] % unit or not 0 < attn[i] <= full_attn:
             raise PruningConfigError(
-                f"pruned_attn_width[{i}]={width} is not a positive multiple of one KV group "
-                f"({unit} query channels) within the dense width"
+                f"pruned_attn_width[{i}]={attn[i]} is not a positive multiple of one KV group "
+                f"({unit} query channels) up to the dense width {full_attn}"
             )
-        layers[i]["kv_groups"] = width // unit
-    for key, width in config["pruned_mlp_width"].items():
-        i = _layer_index(key, n, "pruned_mlp_width")
-        if not 0 < width <= dense.intermediate_size:
+        if not 0 < mlp[i] <= dense.intermediate_size:
             raise PruningConfigError(
-                f"pruned_mlp_width[{i}]={width} is outside 1..{dense.intermediate_size}"
+                f"pruned_mlp_width[{i}]={mlp[i]} is outside 1..{dense.intermediate_size}"
             )
-        layers[i]["mlp_width"] = int(width)
-    return dense.replace_layers([LayerSpec(**layer) for layer in layers])
+        layers.append(LayerSpec(i not in no_attn, attn[i] // unit, i not in no_mlp, mlp[i]))
+    return dense.replace_layers(layers)
 
 
 def _computed_shapes(spec: ModelSpec) -> tuple:
@@ -111,9 +161,11 @@ def describes(config: dict[str, Any], spec: ModelSpec) -> bool:
 
 def load(path: str) -> dict[str, Any]:
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
         raise PruningConfigError(f"{path}: no such pruning config file") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PruningConfigError(f"{path}: not valid JSON ({e})") from None
+    except IsADirectoryError:
+        raise PruningConfigError(f"{path} is a directory, not a pruning config file") from None

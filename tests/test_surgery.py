@@ -174,20 +174,42 @@ def test_pruning_config_round_trip():
     assert pruning_config.to_spec(dense, config) == pruned
 
 
+def _drop_last_layer(config):
+    for key in ("pruned_attn_width", "pruned_mlp_width"):
+        del config[key]["3"]
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"pruned_attn_idx": [9]}, "outside"),
-        ({"pruned_attn_width": {"0": 5}}, "multiple of one KV group"),
-        ({"pruned_mlp_width": {"0": 0}}, "outside"),
-        ({"pruned_mlp_width": {"x": 3}}, "not an integer"),
+        (lambda c: c.update(pruned_attn_idx=[9]), "layer 9 is outside 0..3"),
+        (lambda c: c.update(pruned_attn_idx=[1, 1]), "more than once"),
+        (lambda c: c.update(pruned_mlp_idx=1), "must be a list"),
+        (lambda c: c["pruned_attn_width"].update({"0": 5}), "multiple of one KV group"),
+        (lambda c: c["pruned_mlp_width"].update({"0": 0}), "outside 1..96"),
+        (lambda c: c["pruned_mlp_width"].update({"0": 97}), "outside 1..96"),
+        (lambda c: c["pruned_mlp_width"].update({"x": 3}), "not an integer"),
+        (lambda c: c["pruned_mlp_width"].update({"0": 50.5}), r"\[0\]=50.5 is not an integer"),
+        (lambda c: c["pruned_mlp_width"].update({"0": "64"}), r"\[0\]='64' is not an integer"),
+        (lambda c: c["pruned_attn_width"].update({"0": True}), "not an integer"),
+        (lambda c: c["pruned_mlp_width"].update({"4": 32}), "layer 4 is outside 0..3"),
+        (_drop_last_layer, r"pruned_attn_width lacks layers 3 of the 4-layer model"),
+        (lambda c: c.pop("pruned_mlp_idx"), "lacks 'pruned_mlp_idx'"),
     ],
 )
 def test_pruning_config_errors(change, message):
     dense = tiny_models.spec("llama_gqa")
     config = pruning_config.from_spec(dense, attn_order=[], mlp_order=[], weight_reorder=False)
-    config.update(change)
+    change(config)
     with pytest.raises(pruning_config.PruningConfigError, match=message):
+        pruning_config.to_spec(dense, config)
+
+
+def test_pruning_config_of_a_shorter_model_names_the_missing_layers():
+    dense = spec_from_hf_config(dict(LLAMA2_7B, num_hidden_layers=30))
+    shorter = spec_from_hf_config(dict(LLAMA2_7B, num_hidden_layers=24))
+    config = pruning_config.from_spec(shorter, attn_order=[], mlp_order=[], weight_reorder=True)
+    with pytest.raises(pruning_config.PruningConfigError, match=r"lacks layers 24\.\.29"):
         pruning_config.to_spec(dense, config)
 
 
