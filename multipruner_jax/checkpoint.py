@@ -22,15 +22,28 @@ from models.spec import ModelSpec
 from multipruner_jax import atomic
 from multipruner_jax.mesh import ShardingFor
 
+DIR = "checkpoint"  # the checkpoint's name inside a prune output folder
 SPEC_FILE = "spec.json"
 PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
+# Files orbax writes last, when a save is complete.
+_COMPLETE = ("_METADATA", "_CHECKPOINT_METADATA")
+
+
+class CheckpointError(ValueError):
+    """A directory that is not a complete checkpoint."""
 
 
 def is_checkpoint(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, SPEC_FILE)) and os.path.isdir(
-        os.path.join(path, PARAMS_DIR)
-    )
+    """Whether ``path`` is (or claims to be) a checkpoint: it holds ``spec.json``."""
+    return os.path.isfile(os.path.join(path, SPEC_FILE))
+
+
+def locate(path: str) -> str:
+    """``path`` when it is a checkpoint, or ``path/checkpoint`` when ``path`` is the output folder
+    of a prune job; otherwise ``path`` unchanged."""
+    inner = os.path.join(path, DIR)
+    return inner if not is_checkpoint(path) and is_checkpoint(inner) else path
 
 
 def save(path: str, model: CausalLM, extra: dict[str, Any] | None = None, tokenizer=None) -> None:
@@ -48,12 +61,24 @@ def save(path: str, model: CausalLM, extra: dict[str, Any] | None = None, tokeni
 
 
 def load_spec(path: str) -> ModelSpec:
+    """The spec of checkpoint ``path``, after checking the checkpoint is complete."""
     if not is_checkpoint(path):
         raise FileNotFoundError(
-            f"{path}: not a checkpoint (expected {SPEC_FILE} and {PARAMS_DIR}/)"
+            f"{path} is not a checkpoint (no {SPEC_FILE}); expected the {DIR}/ folder that "
+            "prune.py writes, or its output folder"
         )
-    with open(os.path.join(path, SPEC_FILE)) as f:
-        return ModelSpec.from_dict(json.load(f))
+    params = os.path.join(path, PARAMS_DIR)
+    missing = [f for f in _COMPLETE if not os.path.isfile(os.path.join(params, f))]
+    if missing:
+        raise CheckpointError(
+            f"{path} is an incomplete checkpoint ({PARAMS_DIR}/ lacks {', '.join(missing)}: the "
+            "write that made it was interrupted); write it again, e.g. prune.py --resume"
+        )
+    try:
+        with open(os.path.join(path, SPEC_FILE), encoding="utf-8") as f:
+            return ModelSpec.from_dict(json.load(f))
+    except (ValueError, TypeError, KeyError) as error:
+        raise CheckpointError(f"{path}/{SPEC_FILE} is damaged ({error!r})") from None
 
 
 def restore(
@@ -65,7 +90,11 @@ def restore(
     path = os.path.abspath(path)
     spec = load_spec(path)
     checkpointer = ocp.StandardCheckpointer()
-    meta = checkpointer.metadata(os.path.join(path, PARAMS_DIR)).item_metadata
+    try:
+        meta = checkpointer.metadata(os.path.join(path, PARAMS_DIR)).item_metadata
+    except Exception as error:
+        checkpointer.close()
+        raise CheckpointError(f"{path}: unreadable checkpoint metadata ({error!r})") from None
     saved_dtype = jax.tree.leaves(meta)[0].dtype
     graphdef, abstract_state = nnx.split(decoder.abstract(spec, saved_dtype))
     device = jax.devices()[0]
@@ -80,8 +109,15 @@ def restore(
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
 
     abstract = jax.tree_util.tree_map_with_path(target, nnx.to_pure_dict(abstract_state))
-    restored = checkpointer.restore(os.path.join(path, PARAMS_DIR), abstract)
-    checkpointer.close()
+    try:
+        restored = checkpointer.restore(os.path.join(path, PARAMS_DIR), abstract)
+    except Exception as error:  # orbax/tensorstore raise many types for missing or bad data
+        raise CheckpointError(
+            f"{path}: the parameters cannot be read ({type(error).__name__}: "
+            f"{' '.join(str(error).split())[:300]}); the checkpoint is damaged"
+        ) from None
+    finally:
+        checkpointer.close()
     if dtype is not None:
         restored = jax.tree.map(lambda x: x.astype(dtype), restored)
         graphdef, abstract_state = nnx.split(decoder.abstract(spec, dtype))

@@ -145,8 +145,7 @@ def evaluation_windows(
     (then from ``DEFAULT_WIKITEXT2``); local copies are checked against the split's sha256.
     A local path evaluates all of its records.
     """
-    if source in NAMED_SOURCES and source != "wikitext2":
-        raise ValueError(f"evaluation source {source!r}: expected 'wikitext2' or a local path")
+    check_source(source, evaluation=True)
     key = {
         "kind": "evaluation",
         "source": _source_identity(source, wikitext2_path),
@@ -214,6 +213,14 @@ def _windows_of(
         raise ValueError(f"{what}: {error}") from error
 
 
+def check_source(source: str, *, evaluation: bool = False) -> None:
+    """Raise ``ValueError`` unless ``source`` names a text source (an evaluation source when
+    ``evaluation``: WikiText-2 or a local path), without reading it."""
+    if evaluation and source in NAMED_SOURCES and source != "wikitext2":
+        raise ValueError(f"evaluation source {source!r}: expected 'wikitext2' or a local path")
+    _resolve(source)
+
+
 def _resolve(source: str) -> tuple[str, Path | None]:
     """Classify ``source``: ``("named", None)`` or (``txt|jsonl|arrow|txt_dir``, its path)."""
     if source in NAMED_SOURCES:
@@ -271,9 +278,21 @@ def _cached(
     return arrays
 
 
+def _decode(path: Path) -> str:
+    """The UTF-8 text of ``path``; a decoding error names the file and its line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise ValueError(
+            f"{path}:{line}: not UTF-8 text ({error.reason} at byte {error.start})"
+        ) from None
+
+
 def _read_txt(path: Path) -> list[str]:
     """Non-empty paragraphs (separated by blank lines), whitespace-stripped."""
-    text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    text = _decode(path).replace("\r\n", "\n")
     return [p.strip() for p in re.split(r"\n[ \t]*\n", text) if p.strip()]
 
 
@@ -283,10 +302,16 @@ def _read_txt_dir(path: Path) -> list[str]:
 
 def _read_jsonl(path: Path) -> list[str]:
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                records.append(_record_text(json.loads(line), f"{path}:{number}"))
+    for number, line in enumerate(_decode(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not a JSON object ({error.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        records.append(_record_text(row, f"{path}:{number}"))
     return records
 
 

@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 
 from models.decoder import CausalLM
 from models.spec import ModelSpec, count_params
-from multipruner_jax import checkpoint, hf_io
+from multipruner_jax import checkpoint, data, hf_io, model_source
 from multipruner_jax import mesh as mesh_lib
 from multipruner_jax.mesh import ShardingFor
 from multipruner_jax.scoring import Scorer
@@ -72,16 +72,27 @@ def evaluate(
 
     ``windows``: the first N rows of ``seqlen`` tokens; 0 means the whole split.
     """
-    from multipruner_jax import data, model_source
-
     if windows < 0:
         raise ValueError(f"--windows={windows}: expected 0 (all) or a positive count")
-    local = path if checkpoint.is_checkpoint(path) else model_source.resolve(path)
+    if seqlen < 2:
+        raise ValueError(f"--seqlen={seqlen}: expected at least 2 tokens per row")
+    data.check_source(dataset, evaluation=True)
+    mesh = mesh_lib.make_mesh(mesh_shape)
+    if batch_size % mesh.shape["data"]:
+        raise ValueError(
+            f"--batch_size={batch_size} is not a multiple of the mesh's data axis "
+            f"{mesh.shape['data']}"
+        )
+    path = checkpoint.locate(path)
+    if checkpoint.is_checkpoint(path):
+        checkpoint.load_spec(path)  # refuses an incomplete checkpoint before any real work
+        local = path
+    else:
+        local = model_source.resolve(path)
     tokenizer = load_tokenizer(local)
     tokens = data.evaluation_windows(dataset, tokenizer, seqlen=seqlen, cache_dir=cache_dir)
     if windows:
         tokens = tokens[:windows]
-    mesh = mesh_lib.make_mesh(mesh_shape)
     model = load_model(local, dtype, lambda p, s: mesh_lib.param_sharding(mesh, p, s))
     ppl = evaluate_perplexity(model, tokens, batch_size or mesh.shape["data"], mesh)
     return {

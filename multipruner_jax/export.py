@@ -164,12 +164,16 @@ def _write_weights(
 # Output directory
 
 
-def check_output(out: str, overwrite: bool) -> None:
+def check_output(
+    out: str, overwrite: bool, flag: str = "--out", overwrite_flag: str = "--overwrite"
+) -> None:
     """Raise ``FileExistsError`` unless ``out`` is absent, empty, or ``overwrite`` is set."""
     if os.path.exists(out) and not os.path.isdir(out):
-        raise FileExistsError(f"{out} exists and is not a directory")
+        raise FileExistsError(f"{flag}={out} exists and is not a directory")
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty (pass overwrite to replace it)")
+        raise FileExistsError(
+            f"{flag}={out} exists and is not empty; pass {overwrite_flag} to replace it"
+        )
 
 
 def _save_tokenizer(folder: str, tokenizer: Any) -> None:
@@ -290,6 +294,7 @@ def export_checkpoint(
     written when ``path`` is not a checkpoint or ``out`` is in the way.
     """
     _check_options(fmt, dtype, max_shard_bytes)
+    path = checkpoint.locate(path)
     spec = checkpoint.load_spec(path)
     check_output(out, overwrite)
     tokenizer = os.path.join(path, checkpoint.TOKENIZER_DIR)

@@ -14,7 +14,10 @@ Output directory layout (``output_path``):
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +33,7 @@ from multipruner_jax import (
     atomic,
     checkpoint,
     data,
+    export,
     hf_io,
     model_source,
     pruning_config,
@@ -72,54 +76,105 @@ class PruneOptions:
     eval_dataset: str = "wikitext2"
     eval_windows: int = 0
     cache_dir: str | None = None
+    export_hf: str | None = None
+    export_format: str = "compact"
+    export_dtype: str = "float32"
+    export_overwrite: bool = False
     quiet: bool = False
 
     def search_identity(self) -> dict[str, Any]:
-        """The options a resumed search must share with the run it continues."""
-        keys = (
-            "model_path weight_reorder target_ratio pruning_distribution mlp_channel_group_size "
-            "attn_channel_group_size calibration_dataset num_calibration_samples_block "
-            "num_calibration_samples_width seqlen seed dtype"
-        ).split()
-        return {k: getattr(self, k) for k in keys}
+        """The options a resumed search must share with the run it continues, by meaning."""
+        return search_identity(dataclasses.asdict(self))
 
 
-def check_options(opts: PruneOptions) -> tuple[ModelSpec, search.Settings | None]:
-    """Validate every option that can be checked without loading weights; one error each."""
+IDENTITY_KEYS = (
+    "model_path weight_reorder target_ratio pruning_distribution mlp_channel_group_size "
+    "attn_channel_group_size calibration_dataset num_calibration_samples_block "
+    "num_calibration_samples_width seqlen seed dtype"
+).split()
+
+
+def search_identity(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` (ours, or as saved in a search state) reduced to what determines a search:
+    local paths made absolute, the distribution normalised, numbers as numbers."""
+    identity = {}
+    for key in IDENTITY_KEYS:
+        value = options.get(key)
+        if key in ("model_path", "calibration_dataset") and isinstance(value, str):
+            value = os.path.realpath(value) if os.path.exists(value) else value
+        elif key == "pruning_distribution" and isinstance(value, str):
+            value = list(search.parse_distribution(value))
+        elif key == "target_ratio" and isinstance(value, int | float):
+            value = float(value)
+        identity[key] = value
+    return identity
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A prune job whose options checked out: everything known before any weight is read."""
+
+    opts: PruneOptions
+    dense: ModelSpec
+    mesh_shape: tuple[int, int] | None
+    settings: search.Settings | None  # None: apply ``config``
+    config: dict[str, Any] | None
+    state: search.SearchState  # the steps a resumed search replays
+
+
+def check_options(opts: PruneOptions) -> Plan:
+    """Check every option that can be checked without reading weights; one sentence each.
+
+    Nothing is written: a refused run leaves no trace in ``--output_path``.
+    """
     if not 0 < opts.target_ratio < 100:
         raise ValueError(f"--target_ratio={opts.target_ratio}: expected a percentage in (0, 100)")
     distribution = search.parse_distribution(opts.pruning_distribution)
-    if opts.dtype not in DTYPES:
-        raise ValueError(f"--dtype={opts.dtype!r}: expected one of {', '.join(DTYPES)}")
-    if opts.scoring_mode not in MODES:
-        raise ValueError(f"--scoring_mode={opts.scoring_mode!r}: expected one of {MODES}")
+    _check_choice("dtype", opts.dtype, DTYPES)
+    _check_choice("scoring_mode", opts.scoring_mode, MODES)
     if opts.seqlen < 2:
         raise ValueError(f"--seqlen={opts.seqlen}: expected at least 2 tokens")
+    if opts.token_chunk <= 0:
+        raise ValueError(f"--token_chunk={opts.token_chunk}: expected a positive count")
     for name in ("num_calibration_samples_block", "num_calibration_samples_width"):
         if getattr(opts, name) <= 0:
             raise ValueError(f"--{name}={getattr(opts, name)}: expected a positive count")
+    if opts.eval_windows < -1:
+        raise ValueError(f"--eval_windows={opts.eval_windows}: expected -1 (all), 0 or a count")
     if opts.batch_size < 0:
         raise ValueError(f"--batch_size={opts.batch_size}: expected >= 0 (0 = one row per device)")
-    shape = mesh_lib.parse_mesh_shape(opts.mesh_shape) or (jax.device_count(), 1)
-    if opts.batch_size % shape[0]:
+    mesh_shape = mesh_lib.parse_mesh_shape(opts.mesh_shape)
+    devices = jax.device_count()
+    if mesh_shape and math.prod(mesh_shape) > devices:
         raise ValueError(
-            f"--batch_size={opts.batch_size} is not a multiple of the mesh's data axis {shape[0]}"
+            f"--mesh_shape={opts.mesh_shape} needs {math.prod(mesh_shape)} devices; "
+            f"{devices} are available"
         )
-    if not opts.output_path:
-        raise ValueError("--output_path is required")
-    state_path = os.path.join(opts.output_path, STATE_FILE)
-    if opts.resume and not os.path.isfile(state_path):
-        raise ValueError(f"--resume: {state_path} does not exist; nothing to resume")
-    if not opts.resume and os.path.exists(state_path):
+    data_axis = (mesh_shape or (devices, 1))[0]
+    if opts.batch_size % data_axis:
         raise ValueError(
-            f"--output_path={opts.output_path} already holds a search; pass --resume to continue "
-            "it or choose another output path"
+            f"--batch_size={opts.batch_size} is not a multiple of the mesh's data axis {data_axis}"
         )
-    spec = hf_io.read_dense_spec(model_source.resolve(opts.model_path))
+    _check_output_path(opts.output_path)
+    if opts.export_hf:
+        _check_choice("export_format", opts.export_format, export.FORMATS)
+        _check_choice("export_dtype", opts.export_dtype, export.DTYPES)
+        export.check_output(
+            opts.export_hf, opts.export_overwrite, "--export_hf", "--export_overwrite"
+        )
+    if opts.eval_windows:
+        data.check_source(opts.eval_dataset, evaluation=True)
+    dense = hf_io.read_dense_spec(model_source.resolve(opts.model_path, weights=False))
     if opts.pruned_model_config_file:
-        pruning_config.to_spec(spec, pruning_config.load(opts.pruned_model_config_file))
-        return spec, None
-    search.check_group_sizes(spec, opts.mlp_channel_group_size, opts.attn_channel_group_size)
+        config = pruning_config.load(opts.pruned_model_config_file)
+        pruning_config.to_spec(dense, config)
+        if config.get("weight_reorder", opts.weight_reorder) != opts.weight_reorder:
+            raise ValueError(
+                f"{opts.pruned_model_config_file} was made with weight_reorder="
+                f"{config['weight_reorder']}, but --weight_reorder={opts.weight_reorder}"
+            )
+        return Plan(opts, dense, mesh_shape, None, config, search.SearchState())
+    search.check_group_sizes(dense, opts.mlp_channel_group_size, opts.attn_channel_group_size)
     settings = search.Settings(
         target_ratio=opts.target_ratio,
         distribution=distribution,
@@ -127,7 +182,61 @@ def check_options(opts: PruneOptions) -> tuple[ModelSpec, search.Settings | None
         attn_group=opts.attn_channel_group_size,
         prefix_cache=opts.prefix_cache,
     )
-    return spec, settings
+    search.check_targets(dense, settings)
+    data.check_source(opts.calibration_dataset)
+    return Plan(opts, dense, mesh_shape, settings, None, _saved_state(opts, dense, settings))
+
+
+def _check_choice(flag: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"--{flag}={value!r}: expected one of {', '.join(choices)}")
+
+
+def _check_output_path(path: str) -> None:
+    """``path`` is a folder, or can become one, that this process can write into."""
+    if not path:
+        raise ValueError("--output_path is required")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--output_path={path} exists and is not a directory")
+    existing = os.path.abspath(path)
+    while not os.path.isdir(existing):
+        existing = os.path.dirname(existing)
+    try:
+        probe = tempfile.TemporaryDirectory(prefix=".multipruner-probe-", dir=existing)
+    except OSError as error:
+        raise ValueError(
+            f"--output_path={path}: cannot write in {existing} ({error.strerror})"
+        ) from None
+    probe.cleanup()
+
+
+def _saved_state(opts: PruneOptions, dense: ModelSpec, settings: search.Settings):
+    """The steps to replay: none for a new search, the saved ones for ``--resume``."""
+    path = os.path.join(opts.output_path, STATE_FILE)
+    if not opts.resume:
+        if os.path.exists(path):
+            raise ValueError(
+                f"--output_path={opts.output_path} already holds a search; pass --resume to "
+                "continue it or choose another output path"
+            )
+        return search.SearchState()
+    if not os.path.isfile(path):
+        raise ValueError(f"--resume: {path} does not exist; nothing to resume")
+    try:
+        saved = atomic.read_json(path)
+        state = search.SearchState.from_dict(saved)
+        options = search_identity(saved["options"])
+        search.replay(state, dense, settings)
+    except (ValueError, KeyError, TypeError, IndexError) as error:
+        raise ValueError(
+            f"--resume: {path} is not a valid search state ({type(error).__name__}: {error}); "
+            "remove it to start afresh"
+        ) from None
+    now = opts.search_identity()
+    diff = {k: (options[k], now[k]) for k in IDENTITY_KEYS if options[k] != now[k]}
+    if diff:
+        raise ValueError(f"--resume: the saved search used other options (saved, now): {diff}")
+    return state
 
 
 def _say(opts: PruneOptions, text: str) -> None:
@@ -136,72 +245,76 @@ def _say(opts: PruneOptions, text: str) -> None:
 
 
 class _Outputs:
-    """Writes the per-step files of a search (process 0 only)."""
+    """Writes the files of a job in ``--output_path`` (process 0 only).
 
-    def __init__(self, opts: PruneOptions, dense: ModelSpec, settings: search.Settings):
-        self.opts, self.dense, self.settings = opts, dense, settings
+    ``flags.txt`` is written with the first real output, so a run refused before it (for example
+    by a checkpoint whose tensors do not fit) leaves no folder holding only flags.
+    """
+
+    def __init__(self, plan: Plan, flags_text: str | None):
+        self.plan, self.flags_text = plan, flags_text
+        self.out = plan.opts.output_path
         self.writer = jax.process_index() == 0
 
-    def config(self, state: search.SearchState) -> dict[str, Any]:
+    def started(self) -> None:
+        if self.writer and self.flags_text is not None:
+            atomic.write_text(os.path.join(self.out, "flags.txt"), self.flags_text)
+
+    def search_config(self, state: search.SearchState) -> dict[str, Any]:
         attn, mlp = search.removal_orders(state)
         return pruning_config.from_spec(
-            state.spec(self.dense, self.settings),
+            state.spec(self.plan.dense, self.plan.settings),
             attn_order=attn,
             mlp_order=mlp,
-            weight_reorder=self.opts.weight_reorder,
+            weight_reorder=self.plan.opts.weight_reorder,
         )
 
     def on_step(self, state: search.SearchState, model: CausalLM) -> None:
         if not self.writer:
             return
-        out = self.opts.output_path
         last = state.steps[-1]
-        name = f"config.{last.stage}.{last.step}.json"
-        config_path = os.path.join(out, "pruned_model_configs", name)
-        atomic.write_json(config_path, self.config(state))
+        atomic.write_json(self._step_config(last), self.search_config(state))
         log = [
             {
                 "step": s.step,
                 "pruning_target": s.stage,
                 "importance": s.ppl,
                 "ratio": s.ratio,
-                "config_save_to": os.path.join(
-                    out, "pruned_model_configs", f"config.{s.stage}.{s.step}.json"
-                ),
+                "config_save_to": self._step_config(s),
                 **dataclasses.asdict(s),
             }
             for s in state.steps
         ]
-        atomic.write_json(os.path.join(out, "log.json"), {"steps": log})
+        atomic.write_json(os.path.join(self.out, "log.json"), {"steps": log})
         atomic.write_json(
-            os.path.join(out, STATE_FILE),
-            {"options": self.opts.search_identity(), **state.to_dict()},
+            os.path.join(self.out, STATE_FILE),
+            {"options": self.plan.opts.search_identity(), **state.to_dict()},
         )
 
+    def _step_config(self, step: search.Step) -> str:
+        name = f"config.{step.stage}.{step.step}.json"
+        return os.path.join(self.out, "pruned_model_configs", name)
 
-def _load_state(opts: PruneOptions) -> search.SearchState:
-    saved = atomic.read_json(os.path.join(opts.output_path, STATE_FILE))
-    if saved["options"] != opts.search_identity():
-        diff = {
-            k: (v, opts.search_identity()[k])
-            for k, v in saved["options"].items()
-            if opts.search_identity().get(k) != v
-        }
-        raise ValueError(f"--resume: the saved search used other options (saved, now): {diff}")
-    return search.SearchState.from_dict(saved)
+    def final(self, config: dict[str, Any]) -> None:
+        if self.writer:
+            atomic.write_json(os.path.join(self.out, pruning_config.FILE), config)
 
 
 @dataclass
 class _Job:
-    """What both prune jobs share: the options, the dense spec, devices, tokenizer, summary."""
+    """What both prune jobs share: the plan, devices, tokenizer, outputs and the summary."""
 
-    opts: PruneOptions
-    dense: ModelSpec
+    plan: Plan
     model_dir: str
     mesh: Mesh
     tokenizer: Any
+    outputs: _Outputs
     summary: dict[str, Any]
     eval_tokens: np.ndarray | None = None
+
+    @property
+    def opts(self) -> PruneOptions:
+        return self.plan.opts
 
     @property
     def batch_size(self) -> int:
@@ -214,13 +327,13 @@ class _Job:
         """The dense model (reordered if asked), its perplexity recorded when evaluating."""
         opts = self.opts
         model = hf_io.load_model(
-            self.model_dir, DTYPES[opts.dtype], self.sharding_for, spec=self.dense
+            self.model_dir, DTYPES[opts.dtype], self.sharding_for, spec=self.plan.dense
         )
-        _say(opts, f"loaded {opts.model_path}: {count_params(self.dense):,} parameters")
+        self.outputs.started()
+        _say(opts, f"loaded {opts.model_path}: {count_params(self.plan.dense):,} parameters")
         if opts.weight_reorder:
             surgery.reorder(model)
-        if opts.eval_windows:
-            self.eval_tokens = _eval_tokens(opts, self.tokenizer)
+        if self.eval_tokens is not None:
             self.summary["dense_ppl"] = self.perplexity(model)
             _say(opts, f"dense {opts.eval_dataset} perplexity: {self.summary['dense_ppl']:.4f}")
         return model
@@ -232,66 +345,89 @@ class _Job:
 def run(opts: PruneOptions, flags_text: str | None = None) -> dict[str, Any]:
     """Run the prune job; returns a summary (parameter counts, ratio, perplexities, paths).
 
-    ``flags_text`` (the effective flags) is written to ``flags.txt`` once the options check out.
+    ``flags_text`` (the effective flags) is written to ``flags.txt`` with the first output.
+    Raises ``TargetNotReached`` (after writing every output) when a stage ran out of candidates.
     """
-    dense, settings = check_options(opts)
-    if flags_text is not None and jax.process_index() == 0:
-        atomic.write_text(os.path.join(opts.output_path, "flags.txt"), flags_text)
+    plan = check_options(opts)
     t0 = time.perf_counter()
+    ckpt = os.path.join(opts.output_path, checkpoint.DIR)
+    for stale in atomic.stale_siblings(ckpt):
+        shutil.rmtree(stale, ignore_errors=True)
     model_dir = model_source.resolve(opts.model_path)
     job = _Job(
-        opts=opts,
-        dense=dense,
+        plan=plan,
         model_dir=model_dir,
-        mesh=mesh_lib.make_mesh(mesh_lib.parse_mesh_shape(opts.mesh_shape)),
+        mesh=mesh_lib.make_mesh(plan.mesh_shape),
         tokenizer=load_tokenizer(model_dir),
-        summary={"dense_params": count_params(dense)},
+        outputs=_Outputs(plan, flags_text),
+        summary={"dense_params": count_params(plan.dense)},
     )
-    if settings is None:
-        model, final_config, steps = _apply_config(job)
+    if opts.eval_windows:
+        job.eval_tokens = _eval_tokens(opts, job.tokenizer)
+    if plan.settings is None:
+        model, final_config, steps, shortfalls = _apply_config(job)
     else:
-        model, final_config, steps = _search(job, settings)
-    if jax.process_index() == 0:
-        atomic.write_json(os.path.join(opts.output_path, pruning_config.FILE), final_config)
-    ckpt = os.path.join(opts.output_path, "checkpoint")
+        model, final_config, steps, shortfalls = _search(job, plan.settings)
+    job.outputs.final(final_config)
     checkpoint.save(ckpt, model, tokenizer=job.tokenizer)
     summary = job.summary
     summary.update(
         pruned_params=count_params(model.spec),
-        ratio=pruned_ratio(model.spec, dense),
+        ratio=pruned_ratio(model.spec, plan.dense),
         steps=len(steps),
         checkpoint=ckpt,
-        seconds=time.perf_counter() - t0,
     )
+    if plan.settings is not None:
+        summary.update(
+            target_ratio=opts.target_ratio,
+            target_reached=not shortfalls and summary["ratio"] >= opts.target_ratio,
+            shortfalls=[s.describe() for s in shortfalls],
+        )
     if job.eval_tokens is not None:
         summary["pruned_ppl"] = job.perplexity(model)
+    if opts.export_hf:
+        export.export(
+            model,
+            opts.export_hf,
+            fmt=opts.export_format,
+            dtype=opts.export_dtype,
+            tokenizer=job.tokenizer,
+            config=final_config if opts.export_format == "compact" else None,
+            overwrite=opts.export_overwrite,
+        )
+        summary["export_hf"] = opts.export_hf
+    summary["seconds"] = time.perf_counter() - t0
     if steps:
         _say(opts, summary_table(steps))
     _say(opts, format_summary(summary))
+    if summary.get("target_reached") is False:
+        raise TargetNotReached(summary)
     return summary
 
 
-def _apply_config(job: _Job) -> tuple[CausalLM, dict[str, Any], list[search.Step]]:
-    """The ``--pruned_model_config_file`` job: shrink the dense model to the given config."""
-    opts = job.opts
-    config = pruning_config.load(opts.pruned_model_config_file)
-    if "weight_reorder" in config and config["weight_reorder"] != opts.weight_reorder:
-        raise ValueError(
-            f"{opts.pruned_model_config_file} was made with weight_reorder="
-            f"{config['weight_reorder']}, but --weight_reorder={opts.weight_reorder}"
+class TargetNotReached(ValueError):
+    """The options asked for more than the search could remove (every output is still written)."""
+
+    def __init__(self, summary: dict[str, Any]):
+        self.summary = summary
+        reasons = "; ".join(summary["shortfalls"]) or "the search stopped early"
+        super().__init__(
+            f"--target_ratio={summary['target_ratio']:g} was not reached ({reasons}); the "
+            f"checkpoint holds the model at {summary['ratio']:.2f}% removed"
         )
+
+
+def _apply_config(job: _Job):
+    """The ``--pruned_model_config_file`` job: shrink the dense model to the given config."""
     model = job.load_dense()
-    spec = pruning_config.to_spec(job.dense, config)
+    spec = pruning_config.to_spec(job.plan.dense, job.plan.config)
     model = surgery.shrink(model, spec, job.sharding_for)
-    return model, {**config, "weight_reorder": opts.weight_reorder}, []
+    return model, {**job.plan.config, "weight_reorder": job.opts.weight_reorder}, [], []
 
 
-def _search(
-    job: _Job, settings: search.Settings
-) -> tuple[CausalLM, dict[str, Any], list[search.Step]]:
+def _search(job: _Job, settings: search.Settings):
     """The search job: calibrate, search (or resume), with per-step outputs."""
     opts = job.opts
-    state = _load_state(opts) if opts.resume else search.SearchState()
     width_tokens, block_tokens = data.calibration_windows(
         opts.calibration_dataset,
         job.tokenizer,
@@ -319,21 +455,20 @@ def _search(
         for name, tokens in (("block", block_tokens), ("width", width_tokens))
     }
     settings = dataclasses.replace(
-        settings, prefix_cache=_use_prefix_cache(opts, job.dense, block_tokens, job.mesh)
+        settings, prefix_cache=_use_prefix_cache(opts, job.plan.dense, block_tokens, job.mesh)
     )
-    outputs = _Outputs(opts, job.dense, settings)
     model, state = search.search(
         model,
-        job.dense,
+        job.plan.dense,
         scorers,
         settings,
-        state=state,
-        on_step=outputs.on_step,
+        state=job.plan.state,
+        on_step=job.outputs.on_step,
         progress=ConsoleProgress(enabled=not opts.quiet and jax.process_index() == 0),
         sharding_for=job.sharding_for,
     )
     job.summary["compiles"] = {name: s.compiles.count for name, s in scorers.items()}
-    return model, outputs.config(state), state.steps
+    return model, job.outputs.search_config(state), state.steps, state.shortfalls
 
 
 def _free_device_bytes() -> int:
@@ -369,9 +504,16 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"({summary['ratio']:.2f}% removed, {summary['steps']} steps, "
         f"{summary['seconds']:.0f}s)"
     ]
+    if summary.get("target_reached"):
+        lines.append(f"target {summary['target_ratio']:g}% reached")
+    elif "target_reached" in summary:
+        lines.append(f"target {summary['target_ratio']:g}% NOT reached")
+        lines += [f"  {reason}" for reason in summary["shortfalls"]]
     if "dense_ppl" in summary:
         lines.append(
             f"perplexity: dense {summary['dense_ppl']:.4f} -> pruned {summary['pruned_ppl']:.4f}"
         )
     lines.append(f"checkpoint: {summary['checkpoint']}")
+    if "export_hf" in summary:
+        lines.append(f"Hugging Face export: {summary['export_hf']}")
     return "\n".join(lines)

@@ -166,6 +166,8 @@ class Candidate:
 def candidates(stage: Stage, spec: ModelSpec, settings: Settings) -> list[Candidate]:
     """All candidates of ``stage`` on ``spec``, in the reference's order."""
     layers = list(enumerate(spec.layers))
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
     if stage == "block":
         return [Candidate(stage, "attn", i) for i, layer in layers if layer.has_attn] + [
             Candidate(stage, "mlp", i) for i, layer in layers if layer.has_mlp
@@ -269,9 +271,21 @@ class SearchState:
 
     def spec(self, base: ModelSpec, settings: Settings) -> ModelSpec:
         """Replay the accepted steps on ``base``."""
-        for s in self.steps:
-            base = remove(base, s.candidate, settings)
-        return base
+        return replay(self, base, settings)
+
+
+def replay(state: SearchState, dense: ModelSpec, settings: Settings) -> ModelSpec:
+    """The spec after ``state``'s steps on ``dense``; raises ``ValueError`` naming the first step
+    that was not a candidate of its stage at that point (a state of another search)."""
+    spec = dense
+    for s in state.steps:
+        if s.candidate not in candidates(s.stage, spec, settings):
+            raise ValueError(
+                f"step {s.step} removes {s.kind} ({s.stage}) of layer {s.layer}, which was not a "
+                "candidate there"
+            )
+        spec = remove(spec, s.candidate, settings)
+    return spec
 
 
 class Progress:

@@ -7,40 +7,37 @@ pruned shapes plus ``pruning_config.json`` (the reference's extract format; our 
 stock transformers cannot).
 """
 
-import sys
+from absl import flags
 
-from absl import app, flags
-
-from multipruner_jax import export
+from multipruner_jax import cli, export
 
 flags.DEFINE_string(
-    "checkpoint", None, "Pruned checkpoint directory (from prune.py).", required=True
+    "checkpoint", None, "Pruned checkpoint (or the prune output folder holding it).", required=True
 )
 flags.DEFINE_string("out", None, "Output HF directory.", required=True)
 flags.DEFINE_enum("format", "padded", list(export.FORMATS), "padded: stock HF; compact: pruned.")
 flags.DEFINE_enum("dtype", "float32", list(export.DTYPES), "Tensor dtype in the files.")
-flags.DEFINE_float("max_shard_gb", export.DEFAULT_MAX_SHARD_BYTES / 1e9, "Shard size (1e9 B).")
+flags.DEFINE_float(
+    "max_shard_gb", export.DEFAULT_MAX_SHARD_BYTES / 1e9, "Largest safetensors file (1e9 bytes)."
+)
 flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out.")
 
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        export.export_checkpoint(
-            FLAGS.checkpoint,
-            FLAGS.out,
-            fmt=FLAGS.format,
-            dtype=FLAGS.dtype,
-            max_shard_bytes=int(FLAGS.max_shard_gb * 1e9),
-            overwrite=FLAGS.overwrite,
-        )
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        sys.exit(f"error: {e}")
+def main() -> None:
+    if not FLAGS.max_shard_gb > 0:
+        raise ValueError(f"--max_shard_gb={FLAGS.max_shard_gb:g}: expected a positive size")
+    export.export_checkpoint(
+        FLAGS.checkpoint,
+        FLAGS.out,
+        fmt=FLAGS.format,
+        dtype=FLAGS.dtype,
+        max_shard_bytes=int(FLAGS.max_shard_gb * 1e9),
+        overwrite=FLAGS.overwrite,
+    )
     print(f"wrote {FLAGS.format} {FLAGS.dtype} HF model to {FLAGS.out}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

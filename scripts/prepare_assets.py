@@ -5,18 +5,16 @@ python scripts/prepare_assets.py --assets_dir=.assets
 
 import time
 
-from absl import app, flags
+from absl import flags
 
-from multipruner_jax import assets
+from multipruner_jax import assets, cli
 
 _ASSETS_DIR = flags.DEFINE_string(
     "assets_dir", None, f"Assets root; default ${assets.ASSETS_ENV} or .assets in the repository."
 )
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main() -> None:
     start = time.perf_counter()
     for line in assets.prepare_assets(_ASSETS_DIR.value):
         print(line)
@@ -24,4 +22,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

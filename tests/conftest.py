@@ -11,3 +11,19 @@ if "xla_force_host_platform_device_count" not in flags:
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+import tiny_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A tiny random ``llama_gqa`` HF directory with a BPE tokenizer trained on SOTU text."""
+    from multipruner_jax import assets, data
+
+    path = str(tmp_path_factory.mktemp("tiny_hf"))
+    corpus = data.load_records(str(assets.sotu_dir()))[:400]
+    tiny_models.tiny_tokenizer(path, corpus)
+    tiny_models.save_hf_model(path, "llama_gqa", vocab_size=300)
+    return path

@@ -13,39 +13,13 @@ import pytest
 import tiny_models
 from flax import nnx
 
-from multipruner_jax import assets, checkpoint, data, evaluation, export, pipeline, search
+from multipruner_jax import checkpoint, evaluation, export, pipeline, search
 from multipruner_jax import mesh as mesh_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tiny_hf"))
-    corpus = data.load_records(str(assets.sotu_dir()))[:400]
-    tiny_models.tiny_tokenizer(path, corpus)
-    tiny_models.save_hf_model(path, "llama_gqa", vocab_size=300)
-    return path
-
-
-def _opts(model_dir, out, **kw) -> pipeline.PruneOptions:
-    base = dict(
-        model_path=model_dir,
-        output_path=str(out),
-        weight_reorder=True,
-        target_ratio=30.0,
-        pruning_distribution="44:52:4",
-        mlp_channel_group_size=32,
-        attn_channel_group_size=32,
-        calibration_dataset=str(assets.sotu_dir()),
-        num_calibration_samples_block=6,
-        num_calibration_samples_width=3,
-        seqlen=32,
-        batch_size=2,
-        mesh_shape="2,1",
-        quiet=True,
-    )
-    return pipeline.PruneOptions(**{**base, **kw})
+_opts = tiny_models.prune_options
 
 
 def _params(path):
@@ -53,9 +27,9 @@ def _params(path):
 
 
 @pytest.fixture(scope="module")
-def searched(model_dir, tmp_path_factory):
+def searched(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("searched")
-    summary = pipeline.run(_opts(model_dir, out))
+    summary = pipeline.run(_opts(tiny_model_dir, out))
     return out, summary
 
 
@@ -85,10 +59,10 @@ def test_search_writes_every_output(searched):
     assert not [name for name in os.listdir(out) if name.startswith(".checkpoint")]
 
 
-def test_applying_our_config_reproduces_the_searched_model(searched, model_dir, tmp_path):
+def test_applying_our_config_reproduces_the_searched_model(searched, tiny_model_dir, tmp_path):
     out, summary = searched
     applied = pipeline.run(
-        _opts(model_dir, tmp_path, pruned_model_config_file=str(out / "pruning_config.json"))
+        _opts(tiny_model_dir, tmp_path, pruned_model_config_file=str(out / "pruning_config.json"))
     )
     assert applied["pruned_params"] == summary["pruned_params"]
     a, b = _params(str(out / "checkpoint")), _params(str(tmp_path / "checkpoint"))
@@ -99,10 +73,10 @@ def test_applying_our_config_reproduces_the_searched_model(searched, model_dir, 
         np.testing.assert_array_equal(flat_a[key], flat_b[key])
 
 
-def test_config_with_other_reorder_flag_is_refused(searched, model_dir, tmp_path):
+def test_config_with_other_reorder_flag_is_refused(searched, tiny_model_dir, tmp_path):
     out, _ = searched
     opts = _opts(
-        model_dir,
+        tiny_model_dir,
         tmp_path,
         weight_reorder=False,
         pruned_model_config_file=str(out / "pruning_config.json"),
@@ -115,7 +89,9 @@ class _Killed(Exception):
     pass
 
 
-def test_resume_after_a_kill_reaches_the_same_config(searched, model_dir, tmp_path, monkeypatch):
+def test_resume_after_a_kill_reaches_the_same_config(
+    searched, tiny_model_dir, tmp_path, monkeypatch
+):
     out, _ = searched
     original = pipeline._Outputs.on_step
 
@@ -126,14 +102,14 @@ def test_resume_after_a_kill_reaches_the_same_config(searched, model_dir, tmp_pa
 
     monkeypatch.setattr(pipeline._Outputs, "on_step", dying)
     with pytest.raises(_Killed):
-        pipeline.run(_opts(model_dir, tmp_path))
+        pipeline.run(_opts(tiny_model_dir, tmp_path))
     saved = json.loads((tmp_path / "search_state.json").read_text())
     assert len(saved["steps"]) == 3
     assert not (tmp_path / "pruning_config.json").exists()
     monkeypatch.setattr(pipeline._Outputs, "on_step", original)
     with pytest.raises(ValueError, match="--resume"):
-        pipeline.run(_opts(model_dir, tmp_path))
-    pipeline.run(_opts(model_dir, tmp_path, resume=True))
+        pipeline.run(_opts(tiny_model_dir, tmp_path))
+    pipeline.run(_opts(tiny_model_dir, tmp_path, resume=True))
     resumed = json.loads((tmp_path / "search_state.json").read_text())
     assert resumed["steps"][:3] == saved["steps"]  # replayed, not re-scored (same timings)
     full = json.loads((out / "search_state.json").read_text())
@@ -147,10 +123,10 @@ def test_resume_after_a_kill_reaches_the_same_config(searched, model_dir, tmp_pa
     ).read_text()
 
 
-def test_resume_with_other_options_is_refused(searched, model_dir):
+def test_resume_with_other_options_is_refused(searched, tiny_model_dir):
     out, _ = searched
     with pytest.raises(ValueError, match="other options"):
-        pipeline.run(_opts(model_dir, out, resume=True, target_ratio=40.0))
+        pipeline.run(_opts(tiny_model_dir, out, resume=True, target_ratio=40.0))
 
 
 @pytest.mark.parametrize(
@@ -170,16 +146,16 @@ def test_resume_with_other_options_is_refused(searched, model_dir):
         (dict(mesh_shape="4,2"), "batch_size=2 is not a multiple"),
     ],
 )
-def test_bad_options_fail_before_loading(model_dir, tmp_path, change, message):
+def test_bad_options_fail_before_loading(tiny_model_dir, tmp_path, change, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
-        pipeline.check_options(_opts(model_dir, tmp_path / "out", **change))
+        pipeline.check_options(_opts(tiny_model_dir, tmp_path / "out", **change))
     assert not (tmp_path / "out").exists()
 
 
-def test_script_writes_reusable_flags_and_reports_errors(model_dir, tmp_path):
+def test_script_writes_reusable_flags_and_reports_errors(tiny_model_dir, tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     flagfile = tmp_path / "run.flags"
-    opts = _opts(model_dir, tmp_path / "out", target_ratio=8.0)
+    opts = _opts(tiny_model_dir, tmp_path / "out", target_ratio=8.0)
     lines = [
         f"--{f.name}={getattr(opts, f.name)}"
         for f in dataclasses.fields(opts)
@@ -228,18 +204,18 @@ def test_evaluate_reads_checkpoints_and_exports_alike(searched, tmp_path):
         evaluation.evaluate(str(out / "checkpoint"), windows=-1)
 
 
-def test_prefix_cache_only_when_it_fits(model_dir, tmp_path, monkeypatch):
-    dense = pipeline.check_options(_opts(model_dir, tmp_path))[0]
+def test_prefix_cache_only_when_it_fits(tiny_model_dir, tmp_path, monkeypatch):
+    dense = pipeline.check_options(_opts(tiny_model_dir, tmp_path)).dense
     rows = np.zeros((4, 32), np.int32)
     mesh = mesh_lib.make_mesh((2, 1))
     need = 4 * 32 * dense.hidden_size * dense.num_layers * 4 // 2  # per data device, fp32
     monkeypatch.setattr(pipeline, "_free_device_bytes", lambda: 2 * need)
-    assert pipeline._use_prefix_cache(_opts(model_dir, tmp_path), dense, rows, mesh)
+    assert pipeline._use_prefix_cache(_opts(tiny_model_dir, tmp_path), dense, rows, mesh)
     monkeypatch.setattr(pipeline, "_free_device_bytes", lambda: 2 * need - 2)
-    assert not pipeline._use_prefix_cache(_opts(model_dir, tmp_path), dense, rows, mesh)
+    assert not pipeline._use_prefix_cache(_opts(tiny_model_dir, tmp_path), dense, rows, mesh)
     monkeypatch.setattr(pipeline, "_free_device_bytes", lambda: 10**12)
-    model_mode = _opts(model_dir, tmp_path, scoring_mode="model")
+    model_mode = _opts(tiny_model_dir, tmp_path, scoring_mode="model")
     assert not pipeline._use_prefix_cache(model_mode, dense, rows, mesh)
     assert not pipeline._use_prefix_cache(
-        _opts(model_dir, tmp_path, prefix_cache=False), dense, rows, mesh
+        _opts(tiny_model_dir, tmp_path, prefix_cache=False), dense, rows, mesh
     )

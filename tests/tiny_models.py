@@ -122,3 +122,26 @@ def tiny_tokenizer(path: str, corpus: list[str], vocab_size: int = 300):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
     fast.save_pretrained(path)
     return fast
+
+
+def prune_options(model_dir: str, out, **changes: Any):
+    """``PruneOptions`` of a fast search on the tiny model of ``tiny_model_dir`` (SOTU text)."""
+    from multipruner_jax import assets, pipeline
+
+    base = dict(
+        model_path=model_dir,
+        output_path=str(out),
+        weight_reorder=True,
+        target_ratio=30.0,
+        pruning_distribution="44:52:4",
+        mlp_channel_group_size=32,
+        attn_channel_group_size=32,
+        calibration_dataset=str(assets.sotu_dir()),
+        num_calibration_samples_block=6,
+        num_calibration_samples_width=3,
+        seqlen=32,
+        batch_size=2,
+        mesh_shape="2,1",
+        quiet=True,
+    )
+    return pipeline.PruneOptions(**{**base, **changes})

@@ -1,0 +1,379 @@
+"""Nothing lost, nothing silently wrong, one sentence for every bad input (prune, evaluate, export).
+
+Each test pins one case that used to lose data, report a wrong result as success, or end in a
+traceback. Runs that must be refused are checked to leave no output folder behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+
+import orbax.checkpoint as ocp
+import pytest
+import tiny_models
+
+from multipruner_jax import atomic, checkpoint, cli, data, evaluation, export, pipeline, search
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ("prune.py", "evaluate.py", "export_hf.py", "prepare_assets.py")
+_opts = tiny_models.prune_options
+
+
+def _script(name: str, *args: str, umask: int | None = None) -> subprocess.CompletedProcess:
+    """Run ``scripts/name`` (with ``umask``, which the child inherits, if given)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    old = os.umask(umask) if umask is not None else None
+    try:
+        return subprocess.run(
+            [sys.executable, os.path.join(REPO, "scripts", name), *args],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+    finally:
+        if old is not None:
+            os.umask(old)
+
+
+def _one_error(done: subprocess.CompletedProcess, pattern: str) -> None:
+    """Exit status 1, no traceback, and one ``error:`` line matching ``pattern``."""
+    assert done.returncode == 1, (done.returncode, done.stderr[-3000:])
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and re.search(pattern, errors[0]), done.stderr[-3000:]
+
+
+def _flags(opts: pipeline.PruneOptions) -> list[str]:
+    """``opts`` as prune.py flags."""
+    out = []
+    for key, value in vars(opts).items():
+        if isinstance(value, bool):
+            out.append(f"--{key}" if value else f"--no{key}")
+        elif value is not None:
+            out.append(f"--{key}={value}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_run(tiny_model_dir, tmp_path_factory):
+    """A finished 5 % search: its output folder and summary."""
+    out = tmp_path_factory.mktemp("small_run")
+    summary = pipeline.run(_opts(tiny_model_dir, out, target_ratio=5.0), flags_text="--x\n")
+    return out, summary
+
+
+# -- 1. replacing a checkpoint ----------------------------------------------------------------
+
+
+def test_a_crash_while_deleting_the_old_checkpoint_leaves_a_complete_one(
+    small_run, tmp_path, monkeypatch
+):
+    out, _ = small_run
+    ckpt = tmp_path / "checkpoint"
+    shutil.copytree(out / "checkpoint", ckpt)
+    model = checkpoint.restore(str(ckpt))
+    real_rmtree = shutil.rmtree
+
+    def dies_halfway(path, *args, **kwargs):
+        victim = next(p for p in sorted(os.listdir(path)) if p != checkpoint.SPEC_FILE)
+        real_rmtree(os.path.join(path, victim))
+        raise KeyboardInterrupt  # killed while the old checkpoint was being deleted
+
+    monkeypatch.setattr(shutil, "rmtree", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(str(ckpt), model)
+    monkeypatch.undo()
+    assert checkpoint.restore(str(ckpt)).spec == model.spec  # the new one, complete
+
+
+def test_an_incomplete_checkpoint_is_refused_in_one_sentence(small_run, tmp_path):
+    out, _ = small_run
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out / "checkpoint", damaged)
+    os.remove(damaged / "params" / "_METADATA")
+    with pytest.raises(checkpoint.CheckpointError, match="incomplete checkpoint"):
+        checkpoint.restore(str(damaged))
+    _one_error(_script("evaluate.py", f"--model_path={damaged}", "--windows=1"), "incomplete")
+    done = _script("export_hf.py", f"--checkpoint={damaged}", f"--out={tmp_path / 'hf'}")
+    _one_error(done, "incomplete checkpoint")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_stale_temporary_checkpoints_are_removed_by_the_next_run(
+    small_run, tiny_model_dir, tmp_path
+):
+    out, _ = small_run
+    stale = tmp_path / ".checkpoint.tmp-deadbeef"
+    stale.mkdir()
+    (stale / "params").write_bytes(b"x" * 1000)
+    config = str(out / "pruning_config.json")
+    pipeline.run(_opts(tiny_model_dir, tmp_path, pruned_model_config_file=config))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint", "pruning_config.json"]
+
+
+def test_a_full_disk_while_saving_is_one_sentence_and_leaves_no_temporary_files(
+    small_run, tiny_model_dir, tmp_path, monkeypatch
+):
+    out, _ = small_run
+    target = tmp_path / "run"
+
+    def no_space(self, directory, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", no_space)
+    config = str(out / "pruning_config.json")
+    with pytest.raises(OSError) as caught:
+        pipeline.run(_opts(tiny_model_dir, target, pruned_model_config_file=config))
+    assert cli.one_line(caught.value).endswith("No space left on device")
+    assert not [name for name in os.listdir(target) if name.startswith(".")]
+    assert not (target / "checkpoint").exists()
+
+
+# -- 2. unreachable targets -------------------------------------------------------------------
+
+
+def test_a_stage_without_candidates_is_refused_before_loading(tiny_model_dir, tmp_path):
+    # llama_gqa: 2 KV groups of 4 query heads x 8 dims: 64 query channels are every group.
+    done = _script(
+        "prune.py",
+        *_flags(_opts(tiny_model_dir, tmp_path / "out")),
+        "--attn_channel_group_size=64",
+        "--pruning_distribution=0:0:1",
+        "--target_ratio=5",
+    )
+    _one_error(done, "asks the attention-head stage to reach 5.00% removed")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_stage_that_runs_out_ends_with_every_output_and_a_failure(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(search, "check_targets", lambda dense, settings: None)  # let it run
+    opts = _opts(tiny_model_dir, tmp_path, target_ratio=80.0, pruning_distribution="0:1:0")
+    with pytest.raises(pipeline.TargetNotReached, match="was not reached") as caught:
+        pipeline.run(opts)
+    summary = caught.value.summary
+    assert not summary["target_reached"] and summary["ratio"] < 80.0
+    assert "mlp_width stage ran out of candidates" in summary["shortfalls"][0]
+    assert "NOT reached" in pipeline.format_summary(summary)
+    assert checkpoint.restore(str(tmp_path / "checkpoint")).spec.num_layers == 4
+    assert (tmp_path / "pruning_config.json").is_file()
+
+
+# -- 3. configs of another model --------------------------------------------------------------
+
+
+def test_a_config_of_another_model_is_refused_before_loading(small_run, tiny_model_dir, tmp_path):
+    out, _ = small_run
+    config = json.loads((out / "pruning_config.json").read_text())
+    for key in ("pruned_attn_width", "pruned_mlp_width"):
+        config[key] = {k: v for k, v in config[key].items() if int(k) < 2}
+    path = tmp_path / "short.json"
+    path.write_text(json.dumps(config))
+    opts = _opts(tiny_model_dir, tmp_path / "out", pruned_model_config_file=str(path))
+    _one_error(_script("prune.py", *_flags(opts)), r"lacks layers 2\.\.3 of the 4-layer model")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_config_with_the_other_reorder_flag_is_refused_before_loading(
+    small_run, tiny_model_dir, tmp_path
+):
+    out, _ = small_run
+    opts = _opts(
+        tiny_model_dir,
+        tmp_path / "out",
+        weight_reorder=False,
+        pruned_model_config_file=str(out / "pruning_config.json"),
+    )
+    with pytest.raises(ValueError, match="weight_reorder=True"):
+        pipeline.check_options(opts)
+
+
+# -- 4. resume --------------------------------------------------------------------------------
+
+
+def test_a_refused_resume_leaves_flags_txt_alone(small_run, tiny_model_dir):
+    out, _ = small_run
+    before = (out / "flags.txt").read_text()
+    opts = _opts(tiny_model_dir, out, resume=True, target_ratio=7.0)
+    with pytest.raises(ValueError, match="other options"):
+        pipeline.run(opts, flags_text="--refused\n")
+    assert (out / "flags.txt").read_text() == before
+
+
+def test_resume_compares_options_by_meaning(small_run, tiny_model_dir, monkeypatch):
+    out, summary = small_run
+    monkeypatch.chdir(os.path.dirname(tiny_model_dir))
+    opts = _opts(
+        os.path.basename(tiny_model_dir),  # the same model, given relatively
+        out,
+        resume=True,
+        target_ratio=5,
+        pruning_distribution=" 22 : 26 : 2 ",  # 44:52:4 halved, with spaces
+    )
+    assert pipeline.check_options(opts).state.steps  # accepted: the saved steps replay
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda text: text[: len(text) // 2], "not a valid search state"),
+        (lambda text: text.replace('"layer": ', '"layer": 1', 1), "not a valid search state"),
+        (lambda text: text.replace('"steps"', '"stepz"'), "not a valid search state"),
+    ],
+)
+def test_a_damaged_search_state_is_one_sentence(
+    small_run, tiny_model_dir, tmp_path, damage, message
+):
+    out, _ = small_run
+    shutil.copy(out / "search_state.json", tmp_path / "search_state.json")
+    path = tmp_path / "search_state.json"
+    path.write_text(damage(path.read_text()))
+    opts = _opts(tiny_model_dir, tmp_path, resume=True, target_ratio=5.0)
+    _one_error(_script("prune.py", *_flags(opts)), message)
+
+
+# -- 6./7. one sentence, before loading ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(token_chunk=0), "--token_chunk=0"),
+        (dict(eval_windows=-2), "--eval_windows=-2"),
+        (dict(mesh_shape="4,4", batch_size=4), "needs 16 devices; 8 are available"),
+        (dict(calibration_dataset="/nonexistent/text"), "text source '/nonexistent/text'"),
+        (dict(eval_windows=2, eval_dataset="ptb"), "evaluation source 'ptb'"),
+        (dict(model_path="models/no_such_model"), "does not exist"),
+        (dict(export_hf="EXISTING"), "--export_hf=.* exists and is not empty"),
+    ],
+)
+def test_bad_options_are_one_sentence_before_loading(
+    tiny_model_dir, tmp_path, change, message, monkeypatch
+):
+    monkeypatch.chdir(REPO)  # "models/" exists here, so models/no_such_model is local
+    if change.get("export_hf") == "EXISTING":
+        (tmp_path / "hf").mkdir()
+        (tmp_path / "hf" / "x").write_text("x")
+        change = dict(export_hf=str(tmp_path / "hf"))
+    with pytest.raises((ValueError, OSError), match=message):
+        pipeline.check_options(_opts(tiny_model_dir, tmp_path / "out", **change))
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_paths_that_cannot_be_written(tiny_model_dir, tmp_path):
+    (tmp_path / "file").write_text("x")
+    _one_error(
+        _script("prune.py", *_flags(_opts(tiny_model_dir, tmp_path / "file"))),
+        "exists and is not a directory",
+    )
+    unwritable = "/proc/multipruner-out"  # /proc refuses new entries, even to root
+    _one_error(
+        _script("prune.py", *_flags(_opts(tiny_model_dir, unwritable))), "cannot write in /proc"
+    )
+
+
+def test_a_failure_while_loading_leaves_no_folder_with_only_flags(tmp_path, tiny_model_dir):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["intermediate_size"] = 64  # the tensors are 96 wide
+    (broken / "config.json").write_text(json.dumps(config))
+    opts = _opts(str(broken), tmp_path / "out", mlp_channel_group_size=32)
+    _one_error(_script("prune.py", *_flags(opts)), r"down_proj\.weight .* implies")
+    assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_and_export_errors_name_the_flag(small_run, tmp_path):
+    out, _ = small_run
+    _one_error(
+        _script("evaluate.py", f"--model_path={out}", "--seqlen=0"), "--seqlen=0: expected at least"
+    )
+    done = _script(
+        "export_hf.py", f"--checkpoint={out}", f"--out={tmp_path / 'hf'}", "--max_shard_gb=0"
+    )
+    _one_error(done, "--max_shard_gb=0: expected a positive size")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_the_prune_output_folder_works_where_a_checkpoint_is_expected(small_run, tmp_path):
+    out, summary = small_run
+    result = evaluation.evaluate(str(out), seqlen=32, windows=2, mesh_shape=(1, 1))
+    assert result["params"] == summary["pruned_params"]
+    export.export_checkpoint(str(out), str(tmp_path / "hf"))
+    assert (tmp_path / "hf" / "config.json").is_file()
+
+
+def test_bad_text_files_name_the_file_and_line(tmp_path):
+    jsonl = tmp_path / "records.jsonl"
+    jsonl.write_text('{"text": "one"}\n\n{"text": "two"}\n{"text": oops}\n')
+    with pytest.raises(ValueError, match=r"records\.jsonl:4: not a JSON object"):
+        data.load_records(str(jsonl))
+    txt = tmp_path / "latin1.txt"
+    txt.write_bytes("first line\nsecond line\ncaf\u00e9 au lait\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.txt:3: not UTF-8 text"):
+        data.load_records(str(txt))
+
+
+# -- 8. umask ---------------------------------------------------------------------------------
+
+
+def test_outputs_follow_the_umask(small_run, tiny_model_dir, tmp_path):
+    out, _ = small_run
+    run = tmp_path / "run"
+    opts = _opts(
+        tiny_model_dir,
+        run,
+        pruned_model_config_file=str(out / "pruning_config.json"),
+        export_hf=str(tmp_path / "hf"),
+    )
+    done = _script("prune.py", *_flags(opts), umask=0o022)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for path in [run / "flags.txt", run / "pruning_config.json", tmp_path / "hf" / "config.json"]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    for path in [run, run / "checkpoint", run / "checkpoint" / "params", tmp_path / "hf"]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o755, path
+    spec = run / "checkpoint" / checkpoint.SPEC_FILE
+    assert stat.S_IMODE(spec.stat().st_mode) == 0o644
+
+
+# -- 9. usability -----------------------------------------------------------------------------
+
+
+def test_logs_are_quiet_unless_asked(small_run, tiny_model_dir, tmp_path):
+    out, _ = small_run
+    config = str(out / "pruning_config.json")
+    opts = _opts(tiny_model_dir, tmp_path / "a", pruned_model_config_file=config, quiet=False)
+    quiet = _script("prune.py", *_flags(opts))
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert "orbax" not in quiet.stderr and "backend 'tpu'" not in quiet.stderr
+    assert "checkpoint:" in quiet.stdout
+    opts = _opts(tiny_model_dir, tmp_path / "b", pruned_model_config_file=config)
+    loud = _script("prune.py", *_flags(opts), "--verbosity=0")
+    assert "orbax" in loud.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_exits_zero_and_every_flag_is_explained_in_the_readme(script):
+    done = _script(script, "--help")
+    assert done.returncode == 0, done.stderr
+    entries = re.findall(r"^  --(?:\[no\])?(\w+): (.*)$", done.stdout, re.MULTILINE)
+    assert entries, done.stdout
+    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    for name, text in entries:
+        assert text.strip(), f"{script} --{name} has no help text"
+        assert f"--{name}" in readme, f"README does not list {script} --{name}"
+
+
+def test_atomic_writes_leave_nothing_behind_on_error(tmp_path):
+    with pytest.raises(RuntimeError), atomic.directory(tmp_path / "out") as tmp:
+        (tmp / "half").write_text("x")
+        raise RuntimeError("interrupted")
+    assert os.listdir(tmp_path) == []
