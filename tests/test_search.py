@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tiny_models
 
-from models.spec import pruned_ratio, spec_from_hf_config
-from multipruner_jax import search, surgery
+from models.spec import ModelSpec, pruned_ratio
+from multipruner_jax import assets, hf_io, search, surgery
 from multipruner_jax.scoring import Scorer
 
 GROUPS = {  # (mlp group, attention group in query channels = one KV group)
@@ -150,16 +150,9 @@ def test_group_size_rules():
         search.check_group_sizes(spec, 32, 8)
 
 
-SMOLLM2 = dict(  # the real SmolLM2-135M dimensions (config only)
-    model_type="llama",
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    tie_word_embeddings=True,
-)
+def _smollm2() -> ModelSpec:
+    """The real SmolLM2-135M's dense spec (30 layers, 9 heads / 3 KV heads, MLP 1536)."""
+    return hf_io.read_dense_spec(str(assets.smollm2_dir()))
 
 
 @pytest.mark.parametrize(
@@ -172,7 +165,7 @@ SMOLLM2 = dict(  # the real SmolLM2-135M dimensions (config only)
     ],
 )
 def test_unreachable_stage_targets_are_refused(distribution, mlp, attn, target, stage):
-    dense = spec_from_hf_config(SMOLLM2)
+    dense = _smollm2()
     settings = search.Settings(
         target_ratio=target,
         distribution=search.parse_distribution(distribution),
@@ -185,7 +178,7 @@ def test_unreachable_stage_targets_are_refused(distribution, mlp, attn, target, 
 
 @pytest.mark.parametrize("target", [5.0, 10.0, 20.0, 40.0])
 def test_the_demo_settings_are_reachable(target):
-    dense = spec_from_hf_config(SMOLLM2)
+    dense = _smollm2()
     settings = search.Settings(target, search.parse_distribution("20:80:0"), 512, 192)
     search.check_targets(dense, settings)
 
