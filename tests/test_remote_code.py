@@ -244,22 +244,22 @@ def _tampered(source: str, folder, change) -> str:
     shutil.copytree(source, folder)
     with open(os.path.join(folder, export.CONFIG_FILE)) as f:
         config = json.load(f)
-    change(config[remote_code.LAYERS_KEY])
+    change(config)
     with open(os.path.join(folder, export.CONFIG_FILE), "w") as f:
         json.dump(config, f)
     return str(folder)
 
 
-def _narrower(layers):
-    layers[3]["intermediate_size"] = 64
+def _narrower(config):
+    config[remote_code.LAYERS_KEY][3]["intermediate_size"] = 64
 
 
-def _restored_mlp(layers):
-    layers[1]["intermediate_size"] = 96
+def _restored_mlp(config):
+    config[remote_code.LAYERS_KEY][1]["intermediate_size"] = 96
 
 
-def _removed_attention(layers):
-    layers[3].update(num_attention_heads=0, num_key_value_heads=0)
+def _removed_attention(config):
+    config[remote_code.LAYERS_KEY][3].update(num_attention_heads=0, num_key_value_heads=0)
 
 
 @pytest.mark.parametrize(
@@ -289,16 +289,35 @@ def test_tensors_that_disagree_with_the_config_fail_in_one_sentence(
     assert expected in message and "\n" not in message and message.count(". ") == 0
 
 
-def test_a_malformed_layer_list_fails_in_one_sentence(llama_export, tmp_path):
-    folder = _tampered(llama_export, tmp_path / "bad", lambda layers: layers.pop())
-    with pytest.raises(
-        ValueError, match=r"^config.json multipruner_layers must be a list with one"
-    ):
-        _load(folder)
-    folder = _tampered(
-        llama_export, tmp_path / "bad2", lambda layers: layers[0].update(num_attention_heads=3)
-    )
-    with pytest.raises(ValueError, match=r"multipruner_layers\[0\] = .* does not fit"):
+def _shorter(config):
+    config[remote_code.LAYERS_KEY].pop()
+
+
+def _odd_heads(config):
+    config[remote_code.LAYERS_KEY][0]["num_attention_heads"] = 3
+
+
+def _mixed_windows(config):
+    config.update(sliding_window=WINDOW, layer_types=["sliding_attention"] + ["full_attention"] * 3)
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (
+            _shorter,
+            r"^config.json multipruner_layers must be a list with one entry per layer \(4\)$",
+        ),
+        (_odd_heads, r"^config.json multipruner_layers\[0\] = .* does not fit the dense model"),
+        (_mixed_windows, r"^config.json layer_types mixes attention types"),
+    ],
+    ids=["shorter", "odd-heads", "mixed-windows"],
+)
+def test_a_config_this_model_cannot_build_fails_in_one_sentence(
+    llama_export, tmp_path, change, expected
+):
+    folder = _tampered(llama_export, tmp_path / "bad", change)
+    with pytest.raises(ValueError, match=expected):
         _load(folder)
 
 
@@ -369,6 +388,12 @@ def test_cli_exports_compact_by_default(tmp_path):
 
 
 def test_smollm2_demo_compact_export_matches_jax(tmp_path):
+    """The demo's 10 % SmolLM2 (reordered, 4 attention blocks and 12 MLP groups removed) in
+    torch against JAX on 256 State of the Union tokens.
+
+    Logits reach ~40 here, so the bound is test_smollm2's fp32 noise floor for this 30-layer
+    model, 5e-4 (observed 8.5e-5); transformers' own sdpa and eager paths differ by 1e-4.
+    """
     path = str(assets.smollm2_dir())
     if not os.path.isfile(os.path.join(path, export.CONFIG_FILE)):
         pytest.fail(f"{path} is missing; run `make assets` to build the SmolLM2-135M directory")
@@ -385,7 +410,8 @@ def test_smollm2_demo_compact_export_matches_jax(tmp_path):
     export.export(pruned, out, tokenizer=path, config=config)
     loaded = _load(out, dtype=torch.float32)
     assert loaded.num_parameters() == surgery.count_params(pruned.spec) == 120_359_232
-    np.testing.assert_allclose(_logits(loaded, tokens), ours, rtol=0, atol=TOL)
+    assert np.abs(ours).max() > 10.0
+    np.testing.assert_allclose(_logits(loaded, tokens), ours, rtol=0, atol=5e-4)
     prompt = torch.from_numpy(tokens[:, :32]).long()
     with torch.inference_mode():
         cached = loaded.generate(prompt, max_new_tokens=8, do_sample=False)

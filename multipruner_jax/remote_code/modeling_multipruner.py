@@ -17,8 +17,8 @@ it), so ``num_parameters()`` matches the pruner's count. Tensor names are the fa
 Attention runs through ``torch.nn.functional.scaled_dot_product_attention``; a sliding window is an
 explicit mask. Only layers with attention own a KV-cache slot: the ``n``-th such layer uses slot
 ``n``, so ``Cache.get_seq_length()`` (slot 0) is the number of cached tokens even when layer 0 has
-no attention. Every attention layer must therefore have the same attention type (all full or all
-sliding), which is what MultiPruner exports write.
+no attention. As transformers builds the slots from ``config.layer_types``, all layers must have
+the same attention type (all full or all sliding), which is what MultiPruner exports write.
 """
 
 from __future__ import annotations
@@ -89,21 +89,21 @@ def layer_shapes(config: PretrainedConfig) -> list[tuple[int, int, int]]:
     return shapes
 
 
-def _sliding_window(config: PretrainedConfig, shapes: list[tuple[int, int, int]]) -> int | None:
-    """The attention window of every attention layer (``None``: full causal attention)."""
+def _sliding_window(config: PretrainedConfig) -> int | None:
+    """The attention window of every layer (``None``: full causal attention).
+
+    Cache slots are handed out in layer order to the layers that keep attention, and transformers
+    builds the cache's slots from the config's layer types, so those must all be alike."""
     window = getattr(config, "sliding_window", None)
     types = getattr(config, "layer_types", None)
-    windows = {
-        window if types is None or types[i] == "sliding_attention" else None
-        for i, (heads, _, _) in enumerate(shapes)
-        if heads
-    }
-    if len(windows) > 1:
+    if types is None:
+        return window
+    if len(set(types)) > 1:
         raise ValueError(
-            "config.json layer_types mixes full and sliding attention among the layers that keep "
-            "attention; this model needs one attention type for all of them"
+            "config.json layer_types mixes attention types; this model needs one type for all "
+            "layers"
         )
-    return windows.pop() if windows else None
+    return window if types and types[0] == "sliding_attention" else None
 
 
 def _rope_parameters(config: PretrainedConfig) -> dict:
@@ -345,7 +345,7 @@ class MultiPrunerModel(nn.Module):
             slot = sum(1 for layer in self.layers if layer.self_attn is not None)
             self.layers.append(MultiPrunerDecoderLayer(config, shape, slot))
         self.norm = MultiPrunerRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.window = _sliding_window(config, shapes)
+        self.window = _sliding_window(config)
         self.has_attention = any(h for h, _, _ in shapes)
         # A plain attribute, not a buffer: it is rebuilt from the config, never loaded or saved.
         self.inv_freq = inverse_frequencies(config, _head_dim(config))
