@@ -5,20 +5,22 @@ transformers through ``config.json``'s ``auto_map``::
 
     AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
 
-It depends on torch and public transformers API only. ``config.json`` is the dense config of the
-model's family (``llama``, ``mistral``, ``qwen2`` or ``qwen3``, unchanged, so other tools still read
-it) plus ``multipruner_layers``: one entry per decoder layer,
-``{"num_attention_heads": H, "num_key_value_heads": G, "intermediate_size": W}``, where ``H`` is
-``G`` times the dense query heads per KV head (whole KV groups are pruned), ``H = G = 0`` means
-the layer's attention block was removed and ``W = 0`` its MLP block. A removed block has no module,
-no parameters and no compute; its RMSNorm weight stays (the files keep it, and MultiPruner counts
-it), so ``num_parameters()`` matches the pruner's count. Tensor names are the family's HF names.
+It depends on torch and the public API of transformers 5 only (tested with 5.24.0).
+``config.json`` is the dense config of the model's family (``llama``, ``mistral``, ``qwen2`` or
+``qwen3``, unchanged, so other tools still read it) plus ``multipruner_layers``: one entry per
+decoder layer, ``{"num_attention_heads": H, "num_key_value_heads": G, "intermediate_size": W}``,
+where ``H`` is ``G`` times the dense query heads per KV head (whole KV groups are pruned),
+``H = G = 0`` means the layer's attention block was removed and ``W = 0`` its MLP block. A removed
+block has no module, no parameters and no compute; its RMSNorm weight stays (the files keep it,
+and MultiPruner counts it), so ``num_parameters()`` matches the pruner's count. Tensor names are
+the family's HF names.
 
 Attention runs through ``torch.nn.functional.scaled_dot_product_attention``; a sliding window is an
 explicit mask. Only layers with attention own a KV-cache slot: the ``n``-th such layer uses slot
 ``n``, so ``Cache.get_seq_length()`` (slot 0) is the number of cached tokens even when layer 0 has
 no attention. As transformers builds the slots from ``config.layer_types``, all layers must have
 the same attention type (all full or all sliding), which is what MultiPruner exports write.
+``generate`` uses the default dynamic cache; static caches (4D masks) are refused.
 """
 
 from __future__ import annotations
@@ -30,11 +32,17 @@ import struct
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 from transformers import AutoConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+if int(transformers.__version__.split(".")[0]) < 5:
+    raise ImportError(
+        f"modeling_multipruner.py needs transformers 5 or newer (its cache and output API); "
+        f"found {transformers.__version__}"
+    )
 LAYERS_KEY = "multipruner_layers"
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 SINGLE_FILE = "model.safetensors"
