@@ -30,6 +30,7 @@ demo: assets
 	rm -rf out/smollm2_135m_demo
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
 	  $(BIN)/python scripts/prune.py --flagfile=configs/smollm2_135m_demo.flags
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/generate.py --model_path=out/smollm2_135m_demo/hf
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -10,10 +10,13 @@ tensor names and layout (linear weights ``[out, in]``; ``lm_head.weight`` only w
   inverse of ``surgery.shrink``: stock ``transformers`` loads the directory with
   ``AutoModelForCausalLM.from_pretrained`` and computes the pruned model's function (exactly, up
   to float rounding), but at the dense model's size and speed.
-* ``compact``: the reference's ``extract_model.py`` layout: tensors sliced to their pruned shapes,
-  no tensors at all for removed blocks (``model.layers.{i}.self_attn.*`` / ``.mlp.*``; their
-  layer norms stay), plus ``pruning_config.json`` in the reference schema. Stock ``transformers``
-  cannot load it (per-layer shapes need the reference's patched v4.45); ``hf_io`` reads it.
+* ``compact`` (default): the reference's ``extract_model.py`` layout: tensors sliced to their
+  pruned shapes, no tensors at all for removed blocks (``model.layers.{i}.self_attn.*`` /
+  ``.mlp.*``; their layer norms stay), plus ``pruning_config.json`` in the reference schema. It
+  also carries ``modeling_multipruner.py`` (see ``remote_code``), registered in ``config.json``
+  by ``auto_map`` beside the per-layer shapes, so stock ``transformers`` loads it with
+  ``AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)``; ``hf_io`` reads it
+  too.
 
 Files are written to a temporary sibling directory and renamed into place, so a failed export
 never leaves a directory that looks complete. Tensors are converted and written one at a time
@@ -40,7 +43,7 @@ from models import decoder
 from models.decoder import CausalLM
 from models.hf_names import hf_name
 from models.spec import ModelSpec, dense_spec, spec_to_hf_config
-from multipruner_jax import atomic, checkpoint, hf_io, pruning_config
+from multipruner_jax import atomic, checkpoint, hf_io, pruning_config, remote_code
 
 FORMATS = ("padded", "compact")
 DTYPES = {
@@ -243,7 +246,7 @@ def export(
     model: CausalLM,
     out: str,
     *,
-    fmt: str = "padded",
+    fmt: str = "compact",
     dtype: str = "float32",
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     tokenizer: Any = None,
@@ -255,7 +258,8 @@ def export(
     Args:
       model: a (pruned) model; any parameter dtype.
       out: output directory; must be absent or empty unless ``overwrite``.
-      fmt: ``"padded"`` (loads in stock transformers) or ``"compact"`` (pruned shapes).
+      fmt: ``"compact"`` (pruned shapes, loads with ``trust_remote_code=True``) or ``"padded"``
+        (dense shapes, stock transformers classes).
       dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``: the tensors' dtype in the files.
       max_shard_bytes: above this many tensor bytes, write shards plus an index.
       tokenizer: a tokenizer directory to copy, or an object with ``save_pretrained``.
@@ -268,12 +272,16 @@ def export(
         raise ValueError("a pruning config is only written with the compact format")
     check_output(out, overwrite)
     spec = model.spec
-    files = {hf_io.CONFIG_FILE: spec_to_hf_config(spec, dtype)}
+    config_json = spec_to_hf_config(spec, dtype)
+    files = {hf_io.CONFIG_FILE: config_json}
     if fmt == "compact":
+        config_json.update(remote_code.config_additions(spec))
         files[pruning_config.FILE] = _compact_pruning_config(spec, config)
     with atomic.directory(out) as tmp:
         _save_tokenizer(str(tmp), tokenizer)
         _write_weights(str(tmp), _tensors(model, fmt), dtype, max_shard_bytes)
+        if fmt == "compact":
+            shutil.copy(remote_code.MODELING_FILE, tmp)
         for name, obj in files.items():
             atomic.write_json(tmp / name, obj)
 
@@ -282,7 +290,7 @@ def export_checkpoint(
     path: str,
     out: str,
     *,
-    fmt: str = "padded",
+    fmt: str = "compact",
     dtype: str = "float32",
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,

@@ -1,10 +1,11 @@
 """Export a pruned checkpoint to a PyTorch HF directory.
 
-``python scripts/export_hf.py --checkpoint=OUT/checkpoint --out=DIR [--format=padded|compact]``
+``python scripts/export_hf.py --checkpoint=OUT/checkpoint --out=DIR [--format=compact|padded]``
 
-``padded`` loads in stock transformers (dense shapes, pruned units zero); ``compact`` has the
-pruned shapes plus ``pruning_config.json`` (the reference's extract format; our loader reads it,
-stock transformers cannot).
+``compact`` (default) has the pruned shapes, ``pruning_config.json`` and its own modeling file:
+``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` loads it, smaller and
+faster. ``padded`` has the dense shapes with pruned units zero, for engines that cannot run
+remote code (no size or speed benefit).
 """
 
 from absl import flags
@@ -15,7 +16,12 @@ flags.DEFINE_string(
     "checkpoint", None, "Pruned checkpoint (or the prune output folder holding it).", required=True
 )
 flags.DEFINE_string("out", None, "Output HF directory.", required=True)
-flags.DEFINE_enum("format", "padded", list(export.FORMATS), "padded: stock HF; compact: pruned.")
+flags.DEFINE_enum(
+    "format",
+    "compact",
+    list(export.FORMATS),
+    "compact: pruned shapes (trust_remote_code=True); padded: dense shapes, stock classes.",
+)
 flags.DEFINE_enum("dtype", "float32", list(export.DTYPES), "Tensor dtype in the files.")
 flags.DEFINE_float(
     "max_shard_gb", export.DEFAULT_MAX_SHARD_BYTES / 1e9, "Largest safetensors file (1e9 bytes)."

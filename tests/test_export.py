@@ -137,8 +137,8 @@ def case(request, tmp_path_factory, tokenizer) -> Case:
     root = tmp_path_factory.mktemp(family)
     ckpt, padded, compact = (str(root / name) for name in ("checkpoint", "padded", "compact"))
     checkpoint.save(ckpt, model, tokenizer=tokenizer)
-    export.export_checkpoint(ckpt, padded)
-    export.export_checkpoint(ckpt, compact, fmt="compact")
+    export.export_checkpoint(ckpt, padded, fmt="padded")
+    export.export_checkpoint(ckpt, compact)
     return Case(family, model, ckpt, padded, compact)
 
 
@@ -345,7 +345,12 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path):
         export.export(model, str(out))
     assert os.listdir(out) == ["keep.txt"]
     export.export(model, str(out), overwrite=True)
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(out)) == [
+        "config.json",
+        "model.safetensors",
+        "modeling_multipruner.py",
+        "pruning_config.json",
+    ]
     assert os.listdir(tmp_path) == ["out"]
     (tmp_path / "plain").mkdir()
     assert os.stat(out).st_mode == os.stat(tmp_path / "plain").st_mode
