@@ -169,7 +169,7 @@ def load_tasks(names: tuple[str, ...], source: str, data_root: Path | None = Non
     if source == "hub":
         folders = sorted({str((stock / _TASKS[n].stock_yaml).parent) for n in names})
         manager = TaskManager(include_defaults=False, include_path=folders)
-        tasks = manager.load(list(names))["tasks"]
+        tasks = {n: _load_from_hub(manager, n) for n in names}
         return LoadedTasks(tasks, manager, source, {n: _hub_record(tasks[n]) for n in names})
     if source != "local":
         raise ValueError(f"task data source {source!r}: expected 'hub' or 'local'")
@@ -181,6 +181,16 @@ def load_tasks(names: tuple[str, ...], source: str, data_root: Path | None = Non
         tasks = manager.load(list(names))["tasks"]
     data = {n: _local_record(n, tasks[n], root) for n in names}
     return LoadedTasks(tasks, manager, source, data)
+
+
+def _load_from_hub(manager, name: str):
+    try:
+        return manager.load([name])["tasks"][name]
+    except OSError as error:
+        raise TaskDataError(
+            f"task {name!r}: its dataset could not be loaded from the Hugging Face hub ({error}); "
+            f"use --task_data=local with `{INSTALL}`"
+        ) from error
 
 
 def local_dataset(local_task: str, data_root: str, **_: Any):

