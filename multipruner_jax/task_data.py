@@ -268,10 +268,6 @@ def _local_yaml(name: str, stock: Path, root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _eval_docs(task) -> int:
-    return len(task.eval_docs)
-
-
 def _hub_record(task) -> dict:
     cfg = task.config
     split = cfg.test_split or cfg.validation_split
@@ -280,7 +276,7 @@ def _hub_record(task) -> dict:
         "dataset": cfg.dataset_path,
         "name": cfg.dataset_name,
         "split": split,
-        "docs": _eval_docs(task),
+        "docs": len(task.eval_docs),
     }
 
 
@@ -295,5 +291,5 @@ def _local_record(name: str, task, root: Path) -> dict:
         "package_version": version,
         "path": _TASKS[name].local_path,
         "split": _TASKS[name].split,
-        "docs": _eval_docs(task),
+        "docs": len(task.eval_docs),
     }
