@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from multipruner_jax import checkpoint, evaluation, finetune_data, lora, model_source
+from multipruner_jax import atomic, checkpoint, evaluation, finetune_data, lora, model_source
 from multipruner_jax import mesh as mesh_lib
 from multipruner_jax.lora_trainer import Trainer, make_optimizer, make_schedule
 
@@ -106,6 +106,13 @@ class FinetuneOptions:
         return {k: getattr(self, k) for k in keys}
 
 
+def _local_model(path: str, weights: bool = True) -> str:
+    """Our checkpoint (also inside a prune output folder), a local HF directory, or a Hub
+    snapshot (without weights when only checking)."""
+    path = checkpoint.locate(path)
+    return path if checkpoint.is_checkpoint(path) else model_source.resolve(path, weights=weights)
+
+
 def check_options(opts: FinetuneOptions) -> None:
     """Validate everything that needs no weights or tokenization; one error sentence each."""
     positive = ("max_len", "buckets", "micro_batch_size", "grad_accum", "token_chunk")
@@ -143,13 +150,14 @@ def check_options(opts: FinetuneOptions) -> None:
             f"--micro_batch_size={opts.micro_batch_size} is not a multiple of the mesh's data "
             f"axis {data_axis}"
         )
-    if not checkpoint.is_checkpoint(opts.model_path):
-        local = model_source.resolve(opts.model_path)
-        if not os.path.isfile(os.path.join(local, "config.json")):
-            raise FileNotFoundError(
-                f"--model_path={opts.model_path}: expected one of our checkpoints or an HF "
-                "directory with config.json"
-            )
+    local = _local_model(opts.model_path, weights=False)
+    if not checkpoint.is_checkpoint(local) and not os.path.isfile(
+        os.path.join(local, "config.json")
+    ):
+        raise FileNotFoundError(
+            f"--model_path={opts.model_path}: expected one of our checkpoints, a prune output "
+            "folder or an HF directory with config.json"
+        )
     finetune_data.source_kind(opts.data)
     if not opts.output_path:
         raise ValueError("--output_path is required")
@@ -162,7 +170,7 @@ def check_options(opts: FinetuneOptions) -> None:
             "continue it or choose another output path"
         )
     if opts.resume:
-        saved = checkpoint.read_json(run_file)["options"]
+        saved = atomic.read_json(run_file)["options"]
         changed = sorted(k for k, v in opts.identity().items() if saved.get(k) != v)
         if changed:
             raise ValueError(
@@ -243,7 +251,7 @@ class _Run:
 
     def write_log(self) -> None:
         if self.main:
-            checkpoint.write_json(os.path.join(self.path, LOG_FILE), self.log)
+            atomic.write_json(os.path.join(self.path, LOG_FILE), self.log)
 
     def save(self, trainer: Trainer, step: int) -> None:
         state = {
@@ -294,7 +302,7 @@ class _Run:
             raise ValueError(f"{self.path}: checkpoint {step} has an inconsistent data position")
         self.best_loss = math.inf if state["best_loss"] is None else state["best_loss"]
         self.best_step = state["best_step"]
-        self.log = checkpoint.read_json(os.path.join(self.path, LOG_FILE))
+        self.log = atomic.read_json(os.path.join(self.path, LOG_FILE))
         self._truncate(step)
         return step
 
@@ -326,11 +334,9 @@ def finetune(opts: FinetuneOptions, flags_text: str | None = None) -> dict[str, 
     loss, the best update, compilations and, with ``--merge``, the merged checkpoint)."""
     check_options(opts)
     if flags_text is not None and jax.process_index() == 0:
-        checkpoint.write_text(os.path.join(opts.output_path, "flags.txt"), flags_text)
+        atomic.write_text(os.path.join(opts.output_path, "flags.txt"), flags_text)
     mesh = mesh_lib.make_mesh(mesh_lib.parse_mesh_shape(opts.mesh_shape))
-    local = opts.model_path
-    if not checkpoint.is_checkpoint(local):
-        local = model_source.resolve(local)
+    local = _local_model(opts.model_path)
     tokenizer = evaluation.load_tokenizer(local)
     data = _load_data(opts, tokenizer)
     run = _Run(opts)
@@ -353,7 +359,7 @@ def finetune(opts: FinetuneOptions, flags_text: str | None = None) -> dict[str, 
     try:
         start = run.restore(trainer) if opts.resume else 0
         if not opts.resume and run.main:
-            checkpoint.write_json(
+            atomic.write_json(
                 os.path.join(run.path, RUN_FILE),
                 {
                     "options": opts.identity(),
@@ -392,13 +398,15 @@ def _train(
     opts, total = run.opts, data.total_steps
     if start == total:
         run.say(f"the run already finished its {total} updates")
-    t0 = last = time.perf_counter()
-    window_tokens = 0
+    t0 = time.perf_counter()
+    window_tokens, window_seconds = 0, 0.0  # tokens/s counts the updates only
     for step in range(start, total):
+        begin = time.perf_counter()
         first = step * opts.grad_accum
         result = trainer.step([data.stream.batch(first + i) for i in range(opts.grad_accum)], step)
         done, now, lr = step + 1, time.perf_counter(), float(schedule(step))
         window_tokens += result.tokens
+        window_seconds += now - begin
         run.log["steps"].append(
             {
                 "step": done,
@@ -413,10 +421,10 @@ def _train(
             eta = (now - t0) / (done - start) * (total - done)
             run.say(
                 f"step {done}/{total}: loss {result.loss:.4f}, lr {lr:.2e}, "
-                f"{window_tokens / (now - last):,.0f} tokens/s, elapsed {_clock(now - t0)}, "
+                f"{window_tokens / window_seconds:,.0f} tokens/s, elapsed {_clock(now - t0)}, "
                 f"ETA {_clock(eta)}"
             )
-            last, window_tokens = now, 0
+            window_tokens, window_seconds = 0, 0.0
             run.write_log()
         if data.heldout and ((opts.eval_every and done % opts.eval_every == 0) or done == total):
             _evaluate(run, trainer, data, done)
@@ -425,12 +433,12 @@ def _train(
     run.write_log()
 
 
-def merge(opts: FinetuneOptions, out: str | None = None) -> str:
+def merge(opts: FinetuneOptions) -> str:
     """Fold the run's best adapters (or, without held-out data, its last) into a fresh copy of
-    the base in ``--merge_dtype`` and save our checkpoint to ``out`` (default
-    ``<output_path>/merged``); returns its path."""
+    the base in ``--merge_dtype`` and save our checkpoint to ``<output_path>/merged``; returns
+    its path."""
     path = os.path.abspath(opts.output_path)
-    out = out or os.path.join(path, MERGED_DIR)
+    out = os.path.join(path, MERGED_DIR)
     source = None
     for folder in (BEST_DIR, CHECKPOINTS_DIR):
         manager = ocp.CheckpointManager(os.path.join(path, folder))
@@ -442,9 +450,7 @@ def merge(opts: FinetuneOptions, out: str | None = None) -> str:
         raise FileNotFoundError(f"{path}: no adapters to merge (no {BEST_DIR}/ or checkpoints)")
     folder, manager = source
     step = manager.latest_step()
-    local = opts.model_path
-    if not checkpoint.is_checkpoint(local):
-        local = model_source.resolve(local)
+    local = _local_model(opts.model_path)
     model = evaluation.load_model(local, DTYPES[opts.merge_dtype])
     lora.add_adapters(model, opts.lora_config(), opts.seed)
     target = jax.tree.map(
