@@ -45,8 +45,8 @@ def _pruned(model):
     kv, width = spec.num_key_value_heads, spec.intermediate_size
     layers = [
         spec.layers[0],
-        LayerSpec(False, 0, True, width - 32),
-        LayerSpec(True, max(kv // 2, 1), False, 0),
+        LayerSpec(False, kv, True, width - 32),
+        LayerSpec(True, max(kv // 2, 1), False, width),
         LayerSpec(True, max(kv // 2, 1), True, width // 2),
     ]
     return surgery.shrink(model, spec.replace_layers(layers))
@@ -397,7 +397,7 @@ def test_script_trains_logs_checkpoints_and_merges(script_run, pruned_checkpoint
         for p in (pruned_checkpoint[0], merged)
     ]
     assert np.abs(np.asarray(kernels[1]) - np.asarray(kernels[0])).max() > 1e-4
-    export.export_checkpoint(merged, str(tmp_path / "hf"), fmt="padded")
+    export.export_checkpoint(merged, str(tmp_path / "hf"))  # compact: the pruned shapes
     text = tmp_path / "eval.txt"
     text.write_text("\n\n".join(data.load_records(str(assets.sotu_dir()))[:30]))
     kw = dict(dataset=str(text), seqlen=32, windows=2, mesh_shape=(1, 1))
