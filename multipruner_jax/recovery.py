@@ -1,0 +1,479 @@
+"""Recovery fine-tuning of a pruned model with LoRA: the resumable run and the merge.
+
+``finetune(opts)`` loads the model (one of our checkpoints or an HF directory) with its base in
+``--dtype``, adds float32 LoRA adapters to every surviving targeted projection, and trains them
+with AdamW on instruction records or plain text (``finetune_data``), ``--grad_accum``
+micro-batches of ``--micro_batch_size`` rows per update, data parallel over the mesh. The
+held-out loss is measured before training, every ``--eval_every`` updates and at the end; the
+adapters with the lowest one are kept. ``--merge`` folds those adapters into a fresh float32
+copy of the base (``--merge_dtype``) and writes our checkpoint format, which
+``scripts/evaluate.py`` and ``scripts/export_hf.py`` read like any pruned checkpoint.
+
+Output directory (``--output_path``)::
+
+    flags.txt          the effective flags (a reusable flagfile)
+    run.json           the options a resumed run must share, the data sizes and step count
+    log.json           {"steps": [{step, loss, lr, targets, tokens, seconds}],
+                        "evals": [{step, loss, ppl, targets, best}]}, rewritten atomically
+    checkpoints/<n>/   orbax, after update n (every --save_every and at the end, last 2 kept):
+                       adapters, opt_state, state.json {step, micro_batches, best_loss, best_step}
+    best/<n>/          orbax: the adapters with the lowest held-out loss, and that loss
+    merged/            with --merge: our checkpoint (spec.json, params/, tokenizer/,
+                       recovery.json naming the base and the adapters' step and loss)
+
+Updates are numbered from 1; ``checkpoints/<n>`` holds the state after ``n`` updates, which
+have consumed ``n * grad_accum`` micro-batches of the deterministic ``BatchStream``. ``--resume``
+restores the latest one, drops log entries and best adapters from later updates, and continues:
+data order, dropout masks and optimizer state are those of an uninterrupted run, so the losses
+are bit-identical. Only process 0 writes the JSON files; orbax writes checkpoints from every
+process. Every file is written under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from multipruner_jax import atomic, checkpoint, evaluation, finetune_data, lora, model_source
+from multipruner_jax import mesh as mesh_lib
+from multipruner_jax.lora_trainer import Trainer, make_optimizer, make_schedule
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+SCHEDULES = ("linear", "cosine")
+RUN_FILE = "run.json"
+LOG_FILE = "log.json"
+CHECKPOINTS_DIR = "checkpoints"
+BEST_DIR = "best"
+MERGED_DIR = "merged"
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneOptions:
+    """Every setting of a fine-tuning run; defaults follow the reference recipe (§3.4)."""
+
+    model_path: str
+    output_path: str
+    data: str = "yahma/alpaca-cleaned"
+    eval_examples: int = 2000
+    max_len: int = 256
+    buckets: int = 4
+    micro_batch_size: int = 8
+    grad_accum: int = 4
+    max_steps: int = 0
+    epochs: float = 2.0
+    learning_rate: float = 1e-4
+    warmup_steps: int = 100
+    schedule: str = "linear"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    lora_targets: str = ",".join(lora.TARGETS)
+    dtype: str = "float32"
+    mesh_shape: str = ""
+    token_chunk: int = 128
+    eval_every: int = 100
+    save_every: int = 100
+    log_every: int = 10
+    seed: int = 42
+    resume: bool = False
+    merge: bool = False
+    merge_dtype: str = "float32"
+    quiet: bool = False
+
+    def lora_config(self) -> lora.LoraConfig:
+        targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+        return lora.LoraConfig(self.lora_rank, self.lora_alpha, self.lora_dropout, targets)
+
+    def identity(self) -> dict[str, Any]:
+        """The options a resumed run must share with the run it continues."""
+        keys = (
+            "model_path data eval_examples max_len buckets micro_batch_size grad_accum max_steps "
+            "epochs learning_rate warmup_steps schedule weight_decay max_grad_norm lora_rank "
+            "lora_alpha lora_dropout lora_targets dtype token_chunk seed"
+        ).split()
+        return {k: getattr(self, k) for k in keys}
+
+
+def _local_model(path: str, weights: bool = True) -> str:
+    """Our checkpoint (also inside a prune output folder), a local HF directory, or a Hub
+    snapshot (without weights when only checking)."""
+    path = checkpoint.locate(path)
+    return path if checkpoint.is_checkpoint(path) else model_source.resolve(path, weights=weights)
+
+
+def check_options(opts: FinetuneOptions) -> None:
+    """Validate everything that needs no weights or tokenization; one error sentence each."""
+    positive = ("max_len", "buckets", "micro_batch_size", "grad_accum", "token_chunk")
+    for name in positive:
+        if getattr(opts, name) < 1:
+            raise ValueError(f"--{name}={getattr(opts, name)}: expected a positive integer")
+    non_negative = (
+        "eval_examples max_steps warmup_steps weight_decay max_grad_norm eval_every save_every "
+        "log_every"
+    ).split()
+    for name in non_negative:
+        if getattr(opts, name) < 0:
+            raise ValueError(f"--{name}={getattr(opts, name)}: expected 0 or more")
+    if opts.max_len < 2:
+        raise ValueError(f"--max_len={opts.max_len}: expected at least 2 tokens")
+    if opts.max_steps == 0 and not opts.epochs > 0:
+        raise ValueError(f"--epochs={opts.epochs}: expected a positive number (or --max_steps)")
+    if opts.max_steps and opts.warmup_steps >= opts.max_steps:
+        raise ValueError(
+            f"--warmup_steps={opts.warmup_steps}: expected fewer than --max_steps={opts.max_steps}"
+        )
+    if not opts.learning_rate > 0:
+        raise ValueError(f"--learning_rate={opts.learning_rate}: expected a positive number")
+    if opts.schedule not in SCHEDULES:
+        raise ValueError(f"--schedule={opts.schedule!r}: expected one of {', '.join(SCHEDULES)}")
+    for name in ("dtype", "merge_dtype"):
+        if getattr(opts, name) not in DTYPES:
+            raise ValueError(
+                f"--{name}={getattr(opts, name)!r}: expected one of {', '.join(DTYPES)}"
+            )
+    opts.lora_config().check()
+    data_axis = (mesh_lib.parse_mesh_shape(opts.mesh_shape) or (jax.device_count(), 1))[0]
+    if opts.micro_batch_size % data_axis:
+        raise ValueError(
+            f"--micro_batch_size={opts.micro_batch_size} is not a multiple of the mesh's data "
+            f"axis {data_axis}"
+        )
+    local = _local_model(opts.model_path, weights=False)
+    if not checkpoint.is_checkpoint(local) and not os.path.isfile(
+        os.path.join(local, "config.json")
+    ):
+        raise FileNotFoundError(
+            f"--model_path={opts.model_path}: expected one of our checkpoints, a prune output "
+            "folder or an HF directory with config.json"
+        )
+    finetune_data.source_kind(opts.data)
+    if not opts.output_path:
+        raise ValueError("--output_path is required")
+    run_file = os.path.join(opts.output_path, RUN_FILE)
+    if opts.resume and not os.path.isfile(run_file):
+        raise ValueError(f"--resume: {run_file} does not exist; nothing to resume")
+    if not opts.resume and os.path.exists(run_file):
+        raise ValueError(
+            f"--output_path={opts.output_path} already holds a fine-tuning run; pass --resume to "
+            "continue it or choose another output path"
+        )
+    if opts.resume:
+        saved = atomic.read_json(run_file)["options"]
+        changed = sorted(k for k, v in opts.identity().items() if saved.get(k) != v)
+        if changed:
+            raise ValueError(
+                f"--resume: {', '.join('--' + k for k in changed)} differ from the run saved in "
+                f"{opts.output_path}"
+            )
+
+
+@dataclasses.dataclass
+class _Data:
+    """Tokenized training stream, held-out batches and the run length."""
+
+    kind: str
+    stream: finetune_data.BatchStream
+    heldout: list[finetune_data.Batch]
+    train_examples: int
+    heldout_examples: int
+    dropped: int
+    total_steps: int
+
+
+def _load_data(opts: FinetuneOptions, tokenizer) -> _Data:
+    kind, examples = finetune_data.load_examples(opts.data, tokenizer, opts.max_len)
+    train_idx, heldout_idx = finetune_data.split_heldout(
+        len(examples), opts.eval_examples, opts.seed
+    )
+    train = [examples[i] for i in train_idx if examples[i].targets]
+    heldout = [examples[i] for i in heldout_idx if examples[i].targets]
+    lengths = finetune_data.bucket_lengths(opts.max_len, opts.buckets)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stream = finetune_data.BatchStream(train, opts.micro_batch_size, lengths, pad, opts.seed)
+    heldout_batches = finetune_data.plan_batches(heldout, opts.micro_batch_size, lengths, pad, None)
+    total = opts.max_steps or math.ceil(opts.epochs * stream.per_epoch / opts.grad_accum)
+    if opts.warmup_steps >= total:
+        raise ValueError(
+            f"--warmup_steps={opts.warmup_steps}: expected fewer than the run's {total} updates"
+        )
+    return _Data(
+        kind=kind,
+        stream=stream,
+        heldout=heldout_batches,
+        train_examples=len(train),
+        heldout_examples=len(heldout),
+        dropped=len(examples) - len(train) - len(heldout),
+        total_steps=total,
+    )
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class _Run:
+    """The output directory of one run: checkpoints, best adapters, log and messages."""
+
+    def __init__(self, opts: FinetuneOptions):
+        self.opts = opts
+        self.path = os.path.abspath(opts.output_path)
+        self.main = jax.process_index() == 0
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=2, create=True, enable_async_checkpointing=False
+        )
+        self.checkpoints = ocp.CheckpointManager(
+            os.path.join(self.path, CHECKPOINTS_DIR), options=options
+        )
+        best_options = ocp.CheckpointManagerOptions(
+            max_to_keep=1, create=True, enable_async_checkpointing=False
+        )
+        self.best = ocp.CheckpointManager(os.path.join(self.path, BEST_DIR), options=best_options)
+        self.log: dict[str, list[dict[str, Any]]] = {"steps": [], "evals": []}
+        self.best_loss = math.inf
+        self.best_step = -1
+
+    def say(self, text: str) -> None:
+        if not self.opts.quiet and self.main:
+            print(text, file=sys.stderr, flush=True)
+
+    def write_log(self) -> None:
+        if self.main:
+            atomic.write_json(os.path.join(self.path, LOG_FILE), self.log)
+
+    def save(self, trainer: Trainer, step: int) -> None:
+        state = {
+            "step": step,
+            "micro_batches": step * self.opts.grad_accum,
+            "best_loss": None if math.isinf(self.best_loss) else self.best_loss,
+            "best_step": self.best_step,
+        }
+        self.checkpoints.save(
+            step,
+            args=ocp.args.Composite(
+                adapters=ocp.args.StandardSave(trainer.adapters),
+                opt_state=ocp.args.StandardSave(trainer.opt_state),
+                state=ocp.args.JsonSave(state),
+            ),
+        )
+        self.write_log()
+
+    def save_best(self, trainer: Trainer, step: int, loss: float) -> None:
+        self.best_loss, self.best_step = loss, step
+        self.best.save(
+            step,
+            args=ocp.args.Composite(
+                adapters=ocp.args.StandardSave(trainer.adapters),
+                state=ocp.args.JsonSave({"step": step, "eval_loss": loss}),
+            ),
+        )
+
+    def restore(self, trainer: Trainer) -> int:
+        """Load the latest checkpoint into ``trainer``; returns its update count."""
+        step = self.checkpoints.latest_step()
+        for later in [s for s in self.best.all_steps() if step is None or s > step]:
+            self.best.delete(later)
+        if step is None:
+            return 0
+        target = trainer.abstract_state()
+        restored = self.checkpoints.restore(
+            step,
+            args=ocp.args.Composite(
+                adapters=ocp.args.StandardRestore(target["adapters"]),
+                opt_state=ocp.args.StandardRestore(target["opt_state"]),
+                state=ocp.args.JsonRestore(),
+            ),
+        )
+        trainer.load_state({"adapters": restored.adapters, "opt_state": restored.opt_state})
+        state = restored.state
+        if state["micro_batches"] != step * self.opts.grad_accum:
+            raise ValueError(f"{self.path}: checkpoint {step} has an inconsistent data position")
+        self.best_loss = math.inf if state["best_loss"] is None else state["best_loss"]
+        self.best_step = state["best_step"]
+        self.log = atomic.read_json(os.path.join(self.path, LOG_FILE))
+        self._truncate(step)
+        return step
+
+    def _truncate(self, step: int) -> None:
+        self.log = {k: [e for e in v if e["step"] <= step] for k, v in self.log.items()}
+
+    def close(self) -> None:
+        self.checkpoints.close()
+        self.best.close()
+
+
+def _evaluate(run: _Run, trainer: Trainer, data: _Data, step: int) -> None:
+    loss, targets = trainer.evaluate(data.heldout)
+    better = loss < run.best_loss
+    if better:
+        run.save_best(trainer, step, loss)
+    run.log["evals"].append(
+        {"step": step, "loss": loss, "ppl": math.exp(loss), "targets": targets, "best": better}
+    )
+    run.write_log()
+    run.say(
+        f"step {step}: held-out loss {loss:.4f} (ppl {math.exp(loss):.3f}, {targets:,} targets)"
+        + (", best so far" if better else "")
+    )
+
+
+def finetune(opts: FinetuneOptions, flags_text: str | None = None) -> dict[str, Any]:
+    """Run (or resume) the fine-tuning job; returns a summary (steps, first and best held-out
+    loss, the best update, compilations and, with ``--merge``, the merged checkpoint)."""
+    check_options(opts)
+    if flags_text is not None and jax.process_index() == 0:
+        atomic.write_text(os.path.join(opts.output_path, "flags.txt"), flags_text)
+    mesh = mesh_lib.make_mesh(mesh_lib.parse_mesh_shape(opts.mesh_shape))
+    local = _local_model(opts.model_path)
+    tokenizer = evaluation.load_tokenizer(local)
+    data = _load_data(opts, tokenizer)
+    run = _Run(opts)
+    run.say(
+        f"data: {data.kind} from {opts.data}: {data.train_examples:,} training and "
+        f"{data.heldout_examples:,} held-out examples ({data.dropped} without targets dropped), "
+        f"{data.stream.per_epoch} micro-batches of {opts.micro_batch_size} per epoch, "
+        f"{data.total_steps} updates of {opts.grad_accum} micro-batches"
+    )
+    schedule = make_schedule(opts.learning_rate, data.total_steps, opts.warmup_steps, opts.schedule)
+    optimizer = make_optimizer(schedule, opts.weight_decay, opts.max_grad_norm)
+    model = evaluation.load_model(
+        local, DTYPES[opts.dtype], lambda p, s: mesh_lib.param_sharding(mesh, p, s)
+    )
+    adapters = lora.add_adapters(model, opts.lora_config(), opts.seed)
+    trainer = Trainer(model, optimizer, mesh, seed=opts.seed, token_chunk=opts.token_chunk)
+    trained = sum(x.size for x in jax.tree.leaves(trainer.adapters))
+    run.say(f"model {opts.model_path}: {adapters} adapters, {trained:,} trained parameters")
+
+    try:
+        start = run.restore(trainer) if opts.resume else 0
+        if not opts.resume and run.main:
+            atomic.write_json(
+                os.path.join(run.path, RUN_FILE),
+                {
+                    "options": opts.identity(),
+                    "total_steps": data.total_steps,
+                    "train_examples": data.train_examples,
+                    "heldout_examples": data.heldout_examples,
+                },
+            )
+        if start == 0 and data.heldout:
+            _evaluate(run, trainer, data, 0)
+        _train(run, trainer, data, schedule, start)
+    finally:
+        run.close()
+    summary: dict[str, Any] = {
+        "steps": data.total_steps,
+        "train_loss": run.log["steps"][-1]["loss"] if run.log["steps"] else None,
+        "initial_eval_loss": run.log["evals"][0]["loss"] if run.log["evals"] else None,
+        "best_eval_loss": None if math.isinf(run.best_loss) else run.best_loss,
+        "best_step": run.best_step,
+        "compiles": trainer.compiles,
+    }
+    if opts.merge:
+        summary["merged"] = merge(opts)
+        run.say(f"merged adapters into {summary['merged']}")
+    return summary
+
+
+def _train(
+    run: _Run,
+    trainer: Trainer,
+    data: _Data,
+    schedule: Callable[[int], Any],
+    start: int,
+) -> None:
+    """Updates ``start + 1 .. total``: log, progress line, held-out loss, checkpoints."""
+    opts, total = run.opts, data.total_steps
+    if start == total:
+        run.say(f"the run already finished its {total} updates")
+    t0 = time.perf_counter()
+    window_tokens, window_seconds = 0, 0.0  # tokens/s counts the updates only
+    for step in range(start, total):
+        begin = time.perf_counter()
+        first = step * opts.grad_accum
+        result = trainer.step([data.stream.batch(first + i) for i in range(opts.grad_accum)], step)
+        done, now, lr = step + 1, time.perf_counter(), float(schedule(step))
+        window_tokens += result.tokens
+        window_seconds += now - begin
+        run.log["steps"].append(
+            {
+                "step": done,
+                "loss": result.loss,
+                "lr": lr,
+                "targets": result.targets,
+                "tokens": result.tokens,
+                "seconds": now - t0,
+            }
+        )
+        if opts.log_every and (done % opts.log_every == 0 or done == total):
+            eta = (now - t0) / (done - start) * (total - done)
+            run.say(
+                f"step {done}/{total}: loss {result.loss:.4f}, lr {lr:.2e}, "
+                f"{window_tokens / window_seconds:,.0f} tokens/s, elapsed {_clock(now - t0)}, "
+                f"ETA {_clock(eta)}"
+            )
+            window_tokens, window_seconds = 0, 0.0
+            run.write_log()
+        if data.heldout and ((opts.eval_every and done % opts.eval_every == 0) or done == total):
+            _evaluate(run, trainer, data, done)
+        if (opts.save_every and done % opts.save_every == 0) or done == total:
+            run.save(trainer, done)
+    run.write_log()
+
+
+def merge(opts: FinetuneOptions) -> str:
+    """Fold the run's best adapters (or, without held-out data, its last) into a fresh copy of
+    the base in ``--merge_dtype`` and save our checkpoint to ``<output_path>/merged``; returns
+    its path."""
+    path = os.path.abspath(opts.output_path)
+    out = os.path.join(path, MERGED_DIR)
+    source = None
+    for folder in (BEST_DIR, CHECKPOINTS_DIR):
+        manager = ocp.CheckpointManager(os.path.join(path, folder))
+        if manager.latest_step() is not None:
+            source = (folder, manager)
+            break
+        manager.close()
+    if source is None:
+        raise FileNotFoundError(f"{path}: no adapters to merge (no {BEST_DIR}/ or checkpoints)")
+    folder, manager = source
+    step = manager.latest_step()
+    local = _local_model(opts.model_path)
+    model = evaluation.load_model(local, DTYPES[opts.merge_dtype])
+    lora.add_adapters(model, opts.lora_config(), opts.seed)
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+        nnx.state(model, lora.LoraParam),
+    )
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            adapters=ocp.args.StandardRestore(target), state=ocp.args.JsonRestore()
+        ),
+    )
+    manager.close()
+    nnx.update(model, restored.adapters)
+    lora.merge(model)
+    provenance = {
+        "base_model": opts.model_path,
+        "adapters": os.path.join(folder, str(step)),
+        "step": step,
+        "eval_loss": restored.state.get("eval_loss"),
+        "lora": dataclasses.asdict(opts.lora_config()),
+    }
+    checkpoint.save(
+        out, model, extra={"recovery.json": provenance}, tokenizer=evaluation.load_tokenizer(local)
+    )
+    return out
