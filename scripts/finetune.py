@@ -5,14 +5,11 @@ and with ``--merge`` folds the best adapters into a checkpoint that ``scripts/ev
 ``scripts/export_hf.py`` read. See ``multipruner_jax/recovery.py`` for the output layout.
 """
 
-import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from multipruner_jax import mesh, recovery  # noqa: E402
+from multipruner_jax import cli, mesh, recovery
 
 _D = recovery.FinetuneOptions
 flags.DEFINE_string("model_path", None, "Pruned checkpoint or HF directory.", required=True)
@@ -54,19 +51,14 @@ flags.DEFINE_bool("quiet", _D.quiet, "No progress output.")
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main() -> None:
     if FLAGS.distributed:
         mesh.initialize_distributed()
     names = [f.name for f in FLAGS.get_key_flags_for_module(sys.modules[__name__])]
     fields = recovery.FinetuneOptions.__dataclass_fields__
     opts = recovery.FinetuneOptions(**{n: FLAGS[n].value for n in names if n in fields})
     flag_lines = [FLAGS[n].serialize() for n in names if FLAGS[n].value is not None]
-    try:
-        summary = recovery.finetune(opts, flags_text="\n".join(flag_lines) + "\n")
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    summary = recovery.finetune(opts, flags_text="\n".join(flag_lines) + "\n")
     if not opts.quiet:
         print(
             f"fine-tuned {summary['steps']} updates: held-out loss {summary['initial_eval_loss']}"
@@ -76,4 +68,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

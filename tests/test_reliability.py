@@ -22,7 +22,14 @@ import tiny_models
 from multipruner_jax import atomic, checkpoint, cli, data, evaluation, export, pipeline, search
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ("prune.py", "evaluate.py", "export_hf.py", "prepare_assets.py", "generate.py")
+SCRIPTS = (
+    "prune.py",
+    "evaluate.py",
+    "export_hf.py",
+    "prepare_assets.py",
+    "generate.py",
+    "finetune.py",
+)
 _opts = tiny_models.prune_options
 
 
