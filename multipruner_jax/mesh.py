@@ -8,8 +8,12 @@ channels over "model". A two-number shape ``data,model`` means one candidate gro
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+import os
+import sys
+import traceback
+from collections.abc import Callable, Iterator
 
 import jax
 import numpy as np
@@ -137,3 +141,28 @@ def initialize_distributed(
             f"{timeout_s} s; pass --coordinator_address=host:port, --num_processes and "
             f"--process_id, or run on a Cloud TPU VM slice ({first})"
         ) from None
+
+
+@contextlib.contextmanager
+def leave_on_error() -> Iterator[None]:
+    """In a multi-process run, end this process at once (exit status 1) when the block raises,
+    after printing the error (one line for ``ValueError``/``OSError``, else the traceback).
+
+    Otherwise it would wait for the other processes at JAX's shutdown barrier while they wait
+    for it in a collective; they fail once the coordinator misses this process (about
+    ``timeout_s`` of ``initialize_distributed``). In a single process this does nothing.
+    """
+    try:
+        yield
+    except BaseException as error:
+        if not jax.distributed.is_initialized():
+            raise
+        where = f"process {jax.process_index()} of {jax.process_count()}"
+        if isinstance(error, (ValueError, OSError)):
+            print(f"error ({where}): {' '.join(str(error).split())}", file=sys.stderr)
+        else:
+            print(f"error ({where}):", file=sys.stderr)
+            traceback.print_exc()
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(1)
