@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import socket
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterator
 
@@ -119,12 +121,15 @@ def initialize_distributed(
     call before any other JAX work.
 
     Without a coordinator address JAX detects the cluster (Cloud TPU, SLURM, ...). CPU devices
-    use Gloo collectives. Raises ``ValueError`` (one sentence) when no coordinator can be found
-    or reached within ``timeout_s`` seconds; a process that stops answering fails the others
-    after about ``timeout_s`` seconds too.
+    use Gloo collectives. Raises ``ValueError`` (one sentence) when no coordinator is given or
+    detected, or when a process other than 0 cannot reach it within ``timeout_s`` seconds.
+    Process 0 (which hosts the coordinator) and every process later fail within about
+    ``timeout_s`` seconds when another process never arrives or stops answering (JAX ends the
+    process with "the JAX distributed service detected fatal errors").
     """
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    where = coordinator_address or "auto-detected"
+    if coordinator_address and process_id:
+        _wait_for_coordinator(coordinator_address, timeout_s)
     try:
         jax.distributed.initialize(
             coordinator_address=coordinator_address,
@@ -135,12 +140,32 @@ def initialize_distributed(
             shutdown_timeout_seconds=timeout_s,
         )
     except (ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = " ".join(str(e).split()) or type(e).__name__
         raise ValueError(
-            f"--distributed: could not join a run through the coordinator ({where}) within "
-            f"{timeout_s} s; pass --coordinator_address=host:port, --num_processes and "
-            f"--process_id, or run on a Cloud TPU VM slice ({first})"
+            "--distributed: no coordinator was given or detected; pass "
+            "--coordinator_address=host:port, --num_processes and --process_id, or run on a "
+            f"Cloud TPU VM slice ({reason})"
         ) from None
+
+
+def _wait_for_coordinator(address: str, timeout_s: int) -> None:
+    """Return once ``host:port`` accepts a TCP connection; ``ValueError`` after ``timeout_s``."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--coordinator_address={address!r}: expected host:port")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=1.0):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise ValueError(
+                    f"--distributed: the coordinator at {address} could not be reached within "
+                    f"{timeout_s} s ({e.strerror or e}); start process 0 there first, or check "
+                    "--coordinator_address"
+                ) from None
+        time.sleep(0.5)
 
 
 @contextlib.contextmanager

@@ -117,7 +117,7 @@ class Plan:
 
     opts: PruneOptions
     dense: ModelSpec
-    mesh_shape: tuple[int, int] | None
+    mesh_shape: tuple[int, int, int] | None
     settings: search.Settings | None  # None: apply ``config``
     config: dict[str, Any] | None
     state: search.SearchState  # the steps a resumed search replays
@@ -357,8 +357,9 @@ def run(opts: PruneOptions, flags_text: str | None = None) -> dict[str, Any]:
     plan = check_options(opts)
     t0 = time.perf_counter()
     ckpt = os.path.join(opts.output_path, checkpoint.DIR)
-    for stale in atomic.stale_siblings(ckpt):
-        shutil.rmtree(stale, ignore_errors=True)
+    if jax.process_index() == 0:  # other processes may already be writing in a multi-process run
+        for stale in atomic.stale_siblings(ckpt):
+            shutil.rmtree(stale, ignore_errors=True)
     model_dir = model_source.resolve(opts.model_path)
     job = _Job(
         plan=plan,
