@@ -9,6 +9,10 @@ as the physically smaller model built from the matching spec.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -128,9 +132,29 @@ class DecoderLayer(nnx.Module):
         return x
 
 
+# Whether a block that its mask switches off is skipped (``lax.cond``, the default) or computed
+# and discarded (a select). Code that runs one program over groups of devices that may disagree
+# on a mask, while the block holds collectives, uses the select where conditional collectives
+# deadlock (``computing_off_blocks``).
+_SKIP_OFF_BLOCKS = contextvars.ContextVar("skip_off_blocks", default=True)
+
+
+@contextlib.contextmanager
+def computing_off_blocks(enabled: bool = True) -> Iterator[None]:
+    """Within the block (at trace time), switched-off blocks are computed and discarded."""
+    token = _SKIP_OFF_BLOCKS.set(not enabled)
+    try:
+        yield
+    finally:
+        _SKIP_OFF_BLOCKS.reset(token)
+
+
 def _unless_off(on: jax.Array, block, x: jax.Array) -> jax.Array:
-    """``block(x)`` when the scalar mask ``on`` is non-zero, else ``x`` (``block`` is skipped)."""
-    return jax.lax.cond(on != 0, block, lambda x: x, x)
+    """``block(x)`` when the scalar mask ``on`` is non-zero, else ``x`` (``block`` is skipped,
+    or under ``computing_off_blocks`` computed and discarded)."""
+    if _SKIP_OFF_BLOCKS.get():
+        return jax.lax.cond(on != 0, block, lambda x: x, x)
+    return jnp.where(on != 0, block(x), x)
 
 
 class DecoderModel(nnx.Module):

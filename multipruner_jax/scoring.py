@@ -37,7 +37,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from models import masks as masks_lib
-from models.decoder import CausalLM
+from models.decoder import CausalLM, computing_off_blocks
 from models.masks import LayerMasks, Masks
 from models.spec import ModelSpec
 from multipruner_jax import mesh as mesh_lib
@@ -242,6 +242,12 @@ class Scorer:
         )
         self._layer_index: dict[int, jax.Array] = {}
         self._blanks: dict[tuple, jax.Array] = {}
+        # A group skips work with ``lax.cond``, unless groups may disagree on a branch that
+        # holds a collective (several groups and a "model" axis): XLA:CPU then deadlocks (its
+        # collective permutes wait for every device of the program), so such meshes compute
+        # what a group would skip and discard it. Groups run in lock step, so on accelerators
+        # that costs no time; on CPU, where fake devices share the cores, skipping saves time.
+        self._skip = self.candidates == 1 or self.mesh.shape["model"] == 1
 
     # -- the pure pieces, traced once per program (each trace is counted) ----------------------
 
@@ -275,7 +281,8 @@ class Scorer:
             layer = nnx.merge(graphdef, state)
             own = LayerMasks(*(m[0, index] for m in masks))
             h = jnp.where(index == start[0], entry, h[0])
-            h = jax.lax.cond(index >= start[0], lambda h: layer(h, cos, sin, own), lambda h: h, h)
+            with computing_off_blocks(not self._skip):
+                h = self._unless(index >= start[0], lambda h: layer(h, cos, sin, own), h)
             return h[None]
 
         specs = (P(), P("candidate"), P(), P(), P(), P("candidate"), P("candidate"), P())
@@ -294,10 +301,19 @@ class Scorer:
             def empty(h):
                 return jnp.zeros(h.shape[:1], jnp.float32)
 
-            return jax.lax.cond(start[0] < EMPTY, nll, empty, h[0])[None]
+            if self._skip:
+                return jax.lax.cond(start[0] < EMPTY, nll, empty, h[0])[None]
+            return jnp.where(start[0] < EMPTY, nll(h[0]), 0.0)[None]
 
         specs = (P(), P(), P("candidate"), P(), P("candidate"))
         return self._per_slot(slot, specs)(state, w_out, h, tokens, starts)
+
+    def _unless(self, run: jax.Array, fn: Callable, h: jax.Array) -> jax.Array:
+        """``fn(h)`` when the scalar ``run`` holds, else ``h``: skipped, or computed and
+        discarded when groups must not branch (see ``__init__``)."""
+        if self._skip:
+            return jax.lax.cond(run, fn, lambda h: h, h)
+        return jnp.where(run, fn(h), h)
 
     # -- perplexity ---------------------------------------------------------------------------
 
