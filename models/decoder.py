@@ -140,9 +140,9 @@ _SKIP_OFF_BLOCKS = contextvars.ContextVar("skip_off_blocks", default=True)
 
 
 @contextlib.contextmanager
-def computing_off_blocks(enabled: bool = True) -> Iterator[None]:
+def computing_off_blocks() -> Iterator[None]:
     """Within the block (at trace time), switched-off blocks are computed and discarded."""
-    token = _SKIP_OFF_BLOCKS.set(not enabled)
+    token = _SKIP_OFF_BLOCKS.set(False)
     try:
         yield
     finally:

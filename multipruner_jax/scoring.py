@@ -23,6 +23,7 @@ the mesh spans several processes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -235,6 +236,7 @@ class Scorer:
         self._programs = _Programs()
         self._parts: _Parts | None = None
         self._whole = jax.jit(self._whole_fn, static_argnums=0)
+        self._whole_split: tuple | None = None  # (model, graphdef, state) of the last model
         self._slots = NamedSharding(self.mesh, P("candidate"))
         self._waves = NamedSharding(self.mesh, P("candidate", "data"))
         self._first_slot = jax.jit(
@@ -281,7 +283,7 @@ class Scorer:
             layer = nnx.merge(graphdef, state)
             own = LayerMasks(*(m[0, index] for m in masks))
             h = jnp.where(index == start[0], entry, h[0])
-            with computing_off_blocks(not self._skip):
+            with contextlib.nullcontext() if self._skip else computing_off_blocks():
                 h = self._unless(index >= start[0], lambda h: layer(h, cos, sin, own), h)
             return h[None]
 
@@ -366,7 +368,10 @@ class Scorer:
             if cache is None:
                 raise ValueError("a slot that starts after layer 0 needs the prefix cache")
         if self.mode == "model":
-            out = self._whole(*nnx.split(model), occupied[0].masks, self.batches[batch])[None]
+            if self._whole_split is None or self._whole_split[0] is not model:
+                self._whole_split = (model, *nnx.split(model))
+            graphdef, state = self._whole_split[1:]
+            out = self._whole(graphdef, state, occupied[0].masks, self.batches[batch])[None]
         else:
             out = self._layer_wave(model, list(slots), batch, cache)
         real = self.batch_rows[batch]
