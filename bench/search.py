@@ -243,7 +243,7 @@ def matmul_peak(n: int = 4096) -> float:
 
 
 def _first_block_step(model, rows, ignore, computed: bool) -> Run:
-    settings = search.Settings(target_ratio=0.01, distribution=(1.0, 0.0, 0.0), **SETTINGS)
+    settings = search.Settings(target_ratio=0.01, **{**SETTINGS, "distribution": (1.0, 0.0, 0.0)})
     name = "first block step, removed blocks " + ("computed" if computed else "skipped")
     with computing_off_blocks() if computed else contextlib.nullcontext():
         return _ours(model, rows, ignore, name, (1, 1, 1), settings, computed)
