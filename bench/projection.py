@@ -70,7 +70,8 @@ def main(argv: list[str]) -> None:
         )
         print(
             f"{name}: ours {cost.clock(p.seconds)} ({p.engine_flops / 1e15:,.0f} PFLOP executed, "
-            f"{p.engine_flops / p.reference_flops:.0%} of the reference loop's); {why}"
+            f"{p.engine_flops / p.reference_flops:.0%} of the reference loop's; chips busy "
+            f"{p.busy:.0%} of the time, the rest waiting in lock step); {why}"
         )
     print(
         f"reference loop (a full forward per candidate): {p.reference_flops / 1e15:,.0f} PFLOP, "

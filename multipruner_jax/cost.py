@@ -86,6 +86,7 @@ class Projection:
     reference_flops: float  # the reference loop: a full forward of the pruned model per candidate
     seconds: float
     reference_seconds: float  # the reference on one chip (its device_map=auto runs one at a time)
+    busy: float  # share of the chips' time spent on the engine's own work (the rest: lock step)
 
 
 def project(
@@ -126,6 +127,7 @@ def project(
         reference_flops=reference,
         seconds=group_work / (chips / candidate_groups * rate),
         reference_seconds=reference / rate,
+        busy=engine / (group_work * candidate_groups),
     )
 
 

@@ -46,6 +46,7 @@ from multipruner_jax.inflight import InFlight
 
 MODES = ("layer", "model")
 EMPTY = np.iinfo(np.int32).max  # the first layer of an empty slot: it computes nothing
+FROM_INPUT = -1  # the first layer of a slot that starts from its own embedded tokens
 
 
 class CompileCounter:
@@ -151,7 +152,7 @@ class _Bound:
 
 @dataclass(frozen=True)
 class _Parts:
-    """One model as layer-mode programs: ``embed(tokens) -> h: [B, T, D]``,
+    """One model as layer-mode programs: ``embed(tokens: [C, B, T]) -> h: [C, B, T, D]``,
     ``layers[i](h, entry, cos, sin, masks, starts, i) -> h: [C, B, T, D]`` and
     ``head(h, tokens, starts) -> nll_sums: [C, B]``."""
 
@@ -223,6 +224,7 @@ class Scorer:
         padded = math.ceil(self.rows / batch_size) * batch_size
         rows = np.zeros((padded, self.seq_len), np.int32)
         rows[: self.rows] = tokens
+        self._padded_rows = rows
         sharding = mesh_lib.rows_sharding(self.mesh, 2)
         self.batches = [
             mesh_lib.global_array(rows[i : i + batch_size], sharding)
@@ -239,11 +241,10 @@ class Scorer:
         self._whole_split: tuple | None = None  # (model, graphdef, state) of the last model
         self._slots = NamedSharding(self.mesh, P("candidate"))
         self._waves = NamedSharding(self.mesh, P("candidate", "data"))
-        self._first_slot = jax.jit(
-            lambda h: h[0], out_shardings=mesh_lib.rows_sharding(self.mesh, 3)
-        )
+        # Slot ``k`` of a wave's activations ``[B, T, D]``, on every candidate group.
+        self._pick = jax.jit(lambda h, k: h[k], out_shardings=mesh_lib.rows_sharding(self.mesh, 3))
         self._layer_index: dict[int, jax.Array] = {}
-        self._blanks: dict[tuple, jax.Array] = {}
+        self._zeros: dict[tuple, jax.Array] = {}
         # A group skips work with ``lax.cond``, unless groups may disagree on a branch that
         # holds a collective (several groups and a "model" axis): XLA:CPU then deadlocks (its
         # collective permutes wait for every device of the program), so such meshes compute
@@ -260,8 +261,13 @@ class Scorer:
         return head_nll(h, *_output_weight(model), tokens, self.ignore_id, self.token_chunk)[0]
 
     def _embed_fn(self, graphdef, state, tokens):
+        """Every slot's embedded tokens: ``int32[C, B, T] -> [C, B, T, D]``."""
         self.compiles.hit()
-        return nnx.merge(graphdef, state)(tokens)
+
+        def slot(state, tokens):
+            return nnx.merge(graphdef, state)(tokens[0])[None]
+
+        return self._per_slot(slot, (P(), P("candidate")))(state, tokens)
 
     def _per_slot(self, fn: Callable, in_specs: tuple) -> Callable:
         """``fn`` run by each candidate group on its own slot (leading axis of size 1 there)."""
@@ -276,7 +282,8 @@ class Scorer:
 
     def _layer_fn(self, graphdef, state, h, entry, cos, sin, masks, starts, index):
         """Layer ``index`` for every slot: a slot whose first layer is ``index`` takes ``entry``
-        as its input; slots that start later (or are empty) skip the layer."""
+        as its input; slots that start later (or are empty) skip the layer; slots that start at
+        ``FROM_INPUT`` use their own ``h`` throughout."""
         self.compiles.hit()
 
         def slot(state, h, entry, cos, sin, masks, start, index):
@@ -384,9 +391,8 @@ class Scorer:
         model many times)."""
         if self._parts is not None and self._parts.model is model:
             return self._parts
-        rows = mesh_lib.rows_sharding(self.mesh, 3)
         graphdef, state = nnx.split(model.model.embed_tokens)
-        program = self._programs.get(self._embed_fn, graphdef, out_shardings=rows)
+        program = self._programs.get(self._embed_fn, graphdef, out_shardings=self._waves)
         embed = _Bound(program, (state,))
         layers = []
         for layer in model.model.layers:
@@ -410,14 +416,20 @@ class Scorer:
             self._layer_index[i] = mesh_lib.global_array(value, mesh_lib.replicated(self.mesh))
         return self._layer_index[i]
 
-    def _blank(self, like: jax.Array) -> jax.Array:
-        """An all-zero ``[candidates, B, T, D]`` wave input (every slot replaces it)."""
-        key = (like.shape, like.dtype)
-        if key not in self._blanks:
-            shape = (self.candidates, *like.shape)
-            zeros = jax.jit(lambda: jnp.zeros(shape, like.dtype), out_shardings=self._waves)
-            self._blanks[key] = zeros()
-        return self._blanks[key]
+    def _zeros_like(self, shape: tuple[int, ...], dtype, sharding: NamedSharding) -> jax.Array:
+        """An all-zero array, made once per shape (inputs that no slot reads)."""
+        key = (shape, jnp.dtype(dtype), sharding.spec)
+        if key not in self._zeros:
+            zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+            self._zeros[key] = zeros()
+        return self._zeros[key]
+
+    def _slot_tokens(self, batches: list[int]) -> jax.Array:
+        """``int32[C, B, T]``: batch ``batches[k]`` for slot ``k`` (the last one repeated)."""
+        batches = batches + batches[-1:] * (self.candidates - len(batches))
+        b = self.batch_size
+        stacked = np.stack([self._padded_rows[i * b : (i + 1) * b] for i in batches])
+        return mesh_lib.global_array(stacked, self._waves)
 
     def _place_slots(self, spec: ModelSpec, slots: list[Slot | None]) -> tuple[Masks, jax.Array]:
         """Masks ``[candidates, ...]`` and first layers ``int32[candidates]`` of the slots, on
@@ -433,40 +445,47 @@ class Scorer:
     def prefix_cache(self, model: CausalLM) -> PrefixCache:
         """Run ``model`` (unmasked) once and keep every layer's input, per batch.
 
-        The first candidate group computes it and every group receives a copy, so a candidate
-        started from the cache computes exactly what it would have computed from layer 0.
+        Each candidate group computes the inputs of its own batches (one batch per group and
+        wave) with the very programs that score candidates, and every group receives a copy, so
+        a candidate started from the cache computes exactly what it would from layer 0.
         """
         if self.mode != "layer":
             raise ValueError("prefix caching needs scoring mode 'layer'")
         parts = self._split(model)
-        masks, starts = self._place_slots(model.spec, [Slot(masks_lib.ones(model.spec))])
+        n_batches, c = len(self.batches), self.candidates
+        inputs: list[list[jax.Array]] = [[] for _ in range(n_batches)]
         in_flight = InFlight()
-        inputs = []
-        for tokens in self.batches:
-            entry = parts.embed(tokens)
-            h = self._blank(entry)
-            per_layer = [entry]
-            for i, layer in enumerate(parts.layers[:-1]):
-                h = in_flight.add(
-                    layer(h, entry, parts.cos, parts.sin, masks, starts, self._index(i))
-                )
-                per_layer.append(in_flight.add(self._first_slot(h)))
-            inputs.append(per_layer)
+        for first in range(0, n_batches, c):
+            batches = list(range(first, min(first + c, n_batches)))
+            slots = [Slot(masks_lib.ones(model.spec), FROM_INPUT)] * len(batches)
+            masks, starts = self._place_slots(model.spec, slots)
+            h = parts.embed(self._slot_tokens(batches))
+            entry = self._zeros_like(h.shape[1:], h.dtype, mesh_lib.rows_sharding(self.mesh, 3))
+            for i, layer in enumerate([None, *parts.layers[:-1]]):
+                if layer is not None:
+                    args = (parts.cos, parts.sin, masks, starts, self._index(i - 1))
+                    h = in_flight.add(layer(h, entry, *args))
+                for k, batch in enumerate(batches):
+                    inputs[batch].append(in_flight.add(self._pick(h, self._index(k))))
         return PrefixCache(model, inputs)
 
     def _layer_wave(
         self, model: CausalLM, slots: list[Slot | None], batch: int, cache: PrefixCache | None
     ) -> jax.Array:
         parts = self._split(model)
+        if cache is None:  # every slot embeds the batch itself and starts from it
+            slots = [None if s is None else s._replace(start=FROM_INPUT) for s in slots]
+            h = parts.embed(self._slot_tokens([batch]))
         masks, starts = self._place_slots(model.spec, slots)
-        tokens = self.batches[batch]
-        first = min(s.start for s in slots if s is not None)
-        embedded = parts.embed(tokens) if cache is None else None
+        first = max(0, min(s.start for s in slots if s is not None))
         in_flight = InFlight()
-        h = None
         for i in range(first, len(parts.layers)):
-            entry = embedded if cache is None else cache.inputs[batch][i]
-            h = self._blank(entry) if h is None else h
+            if cache is None:
+                entry = self._zeros_like(h.shape[1:], h.dtype, mesh_lib.rows_sharding(self.mesh, 3))
+            else:
+                entry = cache.inputs[batch][i]
+                if i == first:
+                    h = self._zeros_like((self.candidates, *entry.shape), entry.dtype, self._waves)
             args = (parts.cos, parts.sin, masks, starts, self._index(i))
             h = in_flight.add(parts.layers[i](h, entry, *args))
-        return parts.head(h, tokens, starts)
+        return parts.head(h, self.batches[batch], starts)

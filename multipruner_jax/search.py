@@ -389,7 +389,7 @@ def search(
                 scorer,
                 model,
                 slots,
-                order=_best_first(cands, ranks) if settings.bound else None,
+                order=_best_first(cands, ranks, scorer.candidates) if settings.bound else None,
                 bound=settings.bound,
                 cache=cache,
                 on_done=done,
@@ -440,15 +440,22 @@ def _reporter(
     return done
 
 
-def _best_first(cands: list[Candidate], ranks: dict[Candidate, float | None]) -> list[int]:
-    """Candidate indices by their perplexity in the previous step (unscored, stopped or NaN
-    ones last), ties and the rest in reference order."""
+def _best_first(
+    cands: list[Candidate], ranks: dict[Candidate, float | None], first: int
+) -> list[int]:
+    """Candidate indices: the ``first`` that ranked best in the previous step (lowest
+    perplexity; unscored, stopped or NaN ones rank last), then the rest in reference order.
+
+    The best ones set a tight bound early; the rest keep the reference (layer) order, so a
+    wave of candidate groups spans few layers.
+    """
 
     def key(k: int) -> tuple[float, int]:
         ppl = ranks.get(cands[k])
         return (math.inf if ppl is None or math.isnan(ppl) else ppl, k)
 
-    return sorted(range(len(cands)), key=key)
+    best = sorted(range(len(cands)), key=key)[:first]
+    return best + [k for k in range(len(cands)) if k not in best]
 
 
 def scorer_for(stage: Stage) -> str:

@@ -68,10 +68,12 @@ def _spec_after(state: search.SearchState, steps: int):
     return search.SearchState(state.steps[:steps]).spec(tiny_models.spec(FAMILY), settings)
 
 
-def test_a_wave_gives_each_candidate_its_own_exact_scores():
-    """Four candidates of different layers in one wave, from the prefix cache, give bit for bit
-    the row sums that each gives alone, from layer 0, on the same mesh."""
-    model, scorers, _ = _setup((4, 2, 1))
+@pytest.mark.parametrize("shape", [(4, 2, 1), (2, 1, 1)])
+def test_a_wave_gives_each_candidate_its_own_exact_scores(shape):
+    """Candidates of different layers in one wave, from the prefix cache, give bit for bit the
+    row sums that each gives alone, from layer 0, on the same mesh (with (2, 1, 1) the cache
+    pass spreads 4 batches over 2 groups)."""
+    model, scorers, _ = _setup(shape)
     scorer = scorers["block"]
     ones = masks_lib.ones(model.spec)
     slots = [
@@ -79,7 +81,7 @@ def test_a_wave_gives_each_candidate_its_own_exact_scores():
         Slot(masks_lib.with_width(ones, "kv", 1, 1), 1),
         Slot(masks_lib.with_block_off(ones, "attn", 0), 0),
         Slot(masks_lib.with_width(ones, "channels", 2, 32), 2),
-    ]
+    ][: shape[0]]
     cache = scorer.prefix_cache(model)
     for batch in range(len(scorer.batches)):
         together = scorer.wave(model, slots, batch, cache)
