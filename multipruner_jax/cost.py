@@ -102,10 +102,11 @@ def project(
     """Project a search on ``spec`` (dense shapes, so an upper bound as the model shrinks).
 
     A stage's candidates are spread evenly over the layers; every step runs one prefix-cache pass
-    (layers 0..L-2) and scores its candidates in waves of ``candidate_groups``, the waves taking
-    consecutive layers. A wave costs what its lowest-layer candidate computes (the groups run in
-    lock step) and each group holds ``chips / candidate_groups`` chips, all assumed to reach
-    ``utilisation`` of ``peak``. The reference scores each candidate with a full forward.
+    (its rows shared out among the groups) and scores its candidates in waves of
+    ``candidate_groups``, the waves taking consecutive layers. A wave costs what its lowest-layer
+    candidate computes (the groups run in lock step) and each group holds
+    ``chips / candidate_groups`` chips, all assumed to reach ``utilisation`` of ``peak``. The
+    reference scores each candidate with a full forward.
     """
     layers = spec.num_layers
     engine = reference = group_work = 0.0
@@ -118,8 +119,12 @@ def project(
             forward_flops(spec, stage.rows, seq, first=int(starts[i]))
             for i in range(0, per_step, candidate_groups)
         )
+        # the prefix pass spreads its rows over the groups
+        spread = stage.steps * forward_flops(
+            spec, math.ceil(stage.rows / candidate_groups), seq, head=False
+        )
         engine += cache + stage.steps * candidates
-        group_work += cache + stage.steps * waves  # what one group computes, in lock step
+        group_work += spread + stage.steps * waves  # what one group computes, in lock step
         reference += stage.evaluations * forward_flops(spec, stage.rows, seq)
     rate = peak * utilisation
     return Projection(
