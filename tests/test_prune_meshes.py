@@ -89,3 +89,37 @@ def test_every_mesh_form_finishes_with_the_same_decisions(model_dir, tmp_path):
     stages = {stage for stage, _, _ in decisions["1,2"]}
     assert stages == {"block", "mlp_width"}
     assert all(d == decisions["1,2"] for d in decisions.values()), decisions
+
+
+ZERO_SHOT = """
+import numpy as np
+import tiny_models
+from models import decoder
+from multipruner_jax import mesh as mesh_lib, surgery
+from multipruner_jax.loglik import ContinuationScorer
+
+mesh = mesh_lib.make_mesh((1, 2))
+spec = tiny_models.spec("llama_gqa", num_hidden_layers=40)  # 42 programs per batch
+model = surgery.shrink(decoder.build(spec), spec, lambda p, s: mesh_lib.param_sharding(mesh, p, s))
+rng = np.random.default_rng(0)
+tokens = [rng.integers(0, 97, 12).tolist() for _ in range(40)]
+scorer = ContinuationScorer(model, mesh=mesh, batch_size=2)
+logprob, _ = scorer.score(tokens, [t[-3:] for t in tokens])
+assert np.all(np.isfinite(logprob)) and np.all(logprob < 0)
+print("scored", len(logprob))
+"""
+
+
+def test_zero_shot_scoring_on_a_model_axis_finishes():
+    """evaluate.py's zero-shot scorer queues a whole model per batch (deadlocked before)."""
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")]),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", ZERO_SHOT], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "scored 40" in done.stdout
