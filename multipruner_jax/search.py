@@ -31,7 +31,9 @@ STAGES: tuple[Stage, ...] = get_args(Stage)
 
 @dataclass(frozen=True)
 class Settings:
-    """Search knobs: ``target_ratio`` in percent, ``distribution`` normalised to sum 1."""
+    """Search knobs: ``target_ratio`` in percent, ``distribution`` normalised to sum 1;
+    ``prefix_cache`` scores candidates from cached layer inputs, ``bound`` stops candidates
+    that provably cannot win (both exact)."""
 
     target_ratio: float
     distribution: tuple[float, float, float] = (0.44, 0.52, 0.04)
