@@ -1,29 +1,64 @@
-"""Wall time of a fixed short search on SmolLM2, with and without prefix caching.
+"""Side by side on SmolLM2-135M: the reference's search loop in PyTorch, and ours plain, with the
+prefix cache, with the branch and bound, and with a candidate axis of 8 fake CPU devices.
 
-python bench/search.py [--seqlen=256] [--target_ratio=2]
+python bench/search.py [--seqlen=256] [--target_ratio=2] [--block_samples=4] [--width_samples=2]
 
-Both runs search the same reordered SmolLM2-135M with the same calibration rows (State of the
-Union text) and must take the same decisions. Reports wall time, candidates scored, and the share
-of time spent tracing and compiling (summed from jax.monitoring duration events).
+Everything runs in this one process on the same reordered weights and the same calibration rows
+(State of the Union text), and every variant must take the same decisions. The reference loop is
+a transformers model scored the way the original MultiPruner scores: every candidate is a full
+forward of the model with all removals so far plus the candidate applied as its patched
+transformers applies them (a removed block and its norm are skipped, a width keeps a prefix
+slice of the weights), perplexity as its ``evaluate_ppl`` (rows in batches of 2).
+
+Reported per variant: wall time, the part spent tracing and compiling, executed matmul FLOPs
+(counted from shapes by ``multipruner_jax.cost``: ours computes masked widths at full width and
+skips the blocks a mask switches off; the reference computes the sliced, smaller model), FLOP/s
+against this machine's fp32 matmul peak (a 4096^3 jitted ``jnp.dot``, best of 5, measured here),
+and the speed-up over the reference loop. Then the exact limit: the fewest FLOPs an exhaustive
+exact search needs (one prefix pass per step, then every candidate from its own layer at its
+pruned width) divided by the peak. Finally the first block step with removed blocks computed
+and discarded instead of skipped.
 """
 
 from __future__ import annotations
 
-import time
-from collections import defaultdict
+import os
 
-import jax
-import transformers
-from absl import app, flags
+# torch's OpenMP threads spin while they wait; when other jobs share the cores that slows torch
+# down up to tenfold (measured here), which would flatter us. Passive waiting costs nothing.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
 
-from multipruner_jax import assets, data, hf_io, search, surgery
-from multipruner_jax.scoring import Scorer
+import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import types  # noqa: E402
+from collections import defaultdict  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from models.decoder import computing_off_blocks  # noqa: E402
+from models.spec import ModelSpec, pruned_ratio  # noqa: E402
+from multipruner_jax import assets, cost, data, export, hf_io, search, surgery  # noqa: E402
+from multipruner_jax import mesh as mesh_lib  # noqa: E402
+from multipruner_jax.scoring import PrefixCache, Scorer  # noqa: E402
 
 _SEQLEN = flags.DEFINE_integer("seqlen", 256, "Calibration row length.")
 _TARGET = flags.DEFINE_float("target_ratio", 2.0, "Target ratio of the short search (percent).")
 _BLOCK = flags.DEFINE_integer("block_samples", 4, "Block calibration records.")
 _WIDTH = flags.DEFINE_integer("width_samples", 2, "Width calibration records.")
+_CANDIDATES = flags.DEFINE_integer("candidates", 8, "Candidate groups of the last variant.")
 
+SETTINGS = dict(distribution=(0.44, 0.52, 0.04), mlp_group=256, attn_group=192)
 _COMPILE_EVENTS = ("backend_compile", "jaxpr_trace", "jaxpr_to_mlir")
 _durations: dict[str, float] = defaultdict(float)
 
@@ -33,20 +68,185 @@ def _listen(event: str, duration: float, **_) -> None:
         _durations["compile"] += duration
 
 
-def _run(model, rows, ignore, prefix_cache: bool):
-    settings = search.Settings(
-        target_ratio=_TARGET.value,
-        distribution=(0.44, 0.52, 0.04),
-        mlp_group=256,
-        attn_group=192,
-        prefix_cache=prefix_cache,
-    )
-    scorers = {name: Scorer(r, ignore_id=ignore, batch_size=1) for name, r in rows.items()}
+class CountingScorer(Scorer):
+    """A ``Scorer`` that adds up the matmul FLOPs its waves and prefix passes execute
+    (``computed``: removed blocks are computed, under ``computing_off_blocks``)."""
+
+    def __init__(self, *args, computed: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.flops = 0.0
+        self.computed = computed
+
+    def wave(self, model, slots, batch, cache: PrefixCache | None = None) -> np.ndarray:
+        for slot in slots:
+            if slot is not None:
+                skip = self._skip and not self.computed
+                self.flops += cost.masked_flops(
+                    model.spec, slot.masks, self.batch_size, self.seq_len, slot.start, skip
+                )
+        return super().wave(model, slots, batch, cache)
+
+    def prefix_cache(self, model) -> PrefixCache:
+        spec = model.spec
+        last = cost.layer_flops(spec, spec.layers[-1], self.batch_size, self.seq_len)
+        per_batch = cost.forward_flops(spec, self.batch_size, self.seq_len, head=False) - last
+        self.flops += per_batch * len(self.batches)
+        return super().prefix_cache(model)
+
+
+@dataclasses.dataclass
+class Run:
+    name: str
+    decisions: list[tuple[str, str, int]]
+    wall: float
+    compile: float
+    flops: float
+    skipped: float = 0.0
+
+
+def _ours(model, rows, ignore, name, shape, settings, computed: bool = False) -> Run:
+    mesh = mesh_lib.make_mesh(shape)
+    place = surgery.shrink(model, model.spec, lambda p, s: mesh_lib.param_sharding(mesh, p, s))
+    scorers = {
+        k: CountingScorer(r, ignore_id=ignore, batch_size=shape[1], mesh=mesh, computed=computed)
+        for k, r in rows.items()
+    }
     _durations.clear()
     start = time.perf_counter()
-    _, state = search.search(model, model.spec, scorers, settings)
+    _, state = search.search(
+        place,
+        model.spec,
+        scorers,
+        settings,
+        sharding_for=lambda p, s: mesh_lib.param_sharding(mesh, p, s),
+    )
     wall = time.perf_counter() - start
-    return state, wall, _durations["compile"]
+    cands = sum(s.candidates for s in state.steps)
+    skipped = sum(s.rows_skipped * s.candidates for s in state.steps) / cands
+    return Run(
+        name,
+        [(s.stage, s.kind, s.layer) for s in state.steps],
+        wall,
+        _durations["compile"],
+        sum(s.flops for s in scorers.values()),
+        skipped,
+    )
+
+
+class TorchReference:
+    """The reference's greedy loop on a transformers Llama model (see the module docstring)."""
+
+    def __init__(self, hf_model, dense: ModelSpec, settings: search.Settings, rows, ignore):
+        self.model, self.dense, self.settings = hf_model, dense, settings
+        self.rows, self.ignore = rows, ignore
+        self.full = {}
+        for layer in hf_model.model.layers:
+            layer.forward = types.MethodType(_skipping_forward, layer)
+            for proj in (*_attn_projs(layer), *_mlp_projs(layer)):
+                self.full[proj] = proj.weight.detach()
+
+    def _apply(self, spec: ModelSpec) -> None:
+        """Every layer as ``spec`` has it: blocks on or off, weights sliced to the kept prefix."""
+        hd, per_kv = spec.head_dim, spec.q_per_kv
+        for layer, shape in zip(self.model.model.layers, spec.layers, strict=True):
+            layer.has_attn, layer.has_mlp = shape.has_attn, shape.has_mlp
+            q, kv, w = shape.kv_groups * per_kv * hd, shape.kv_groups * hd, shape.mlp_width
+            attn, mlp = layer.self_attn, layer.mlp
+            for proj, rows in ((attn.q_proj, q), (attn.k_proj, kv), (attn.v_proj, kv)):
+                proj.weight = torch.nn.Parameter(self.full[proj][:rows], requires_grad=False)
+            attn.o_proj.weight = torch.nn.Parameter(self.full[attn.o_proj][:, :q], False)
+            for proj in (mlp.gate_proj, mlp.up_proj):
+                proj.weight = torch.nn.Parameter(self.full[proj][:w], requires_grad=False)
+            mlp.down_proj.weight = torch.nn.Parameter(self.full[mlp.down_proj][:, :w], False)
+
+    def ppl(self, spec: ModelSpec, rows: np.ndarray) -> float:
+        """The reference's ``evaluate_ppl`` of the model pruned to ``spec``."""
+        self._apply(spec)
+        loss = torch.nn.CrossEntropyLoss(reduction="none", ignore_index=self.ignore)
+        means = []
+        with torch.inference_mode():
+            for i in range(0, len(rows), 2):
+                ids = torch.from_numpy(rows[i : i + 2]).long()
+                logits = self.model(ids).logits[:, :-1]
+                targets = ids[:, 1:]
+                nll = loss(logits.permute(0, 2, 1), targets).double()
+                counted = targets != self.ignore
+                means.append((nll * counted).sum(1) / counted.sum(1))
+        return float(torch.exp(torch.cat(means).mean()))
+
+    def search(self) -> Run:
+        spec, decisions, flops, start = self.dense, [], 0.0, time.perf_counter()
+        for stage, target in zip(search.STAGES, self.settings.stage_targets(), strict=True):
+            rows = self.rows[search.scorer_for(stage)]
+            while pruned_ratio(spec, self.dense) < target:
+                best, best_ppl = None, float("inf")
+                for cand in search.candidates(stage, spec, self.settings):
+                    after = search.remove(spec, cand, self.settings)
+                    ppl = self.ppl(after, rows)
+                    flops += cost.forward_flops(after, rows.shape[0], rows.shape[1])
+                    if ppl < best_ppl:
+                        best, best_ppl = cand, ppl
+                if best is None:
+                    break
+                spec = search.remove(spec, best, self.settings)
+                decisions.append((stage, best.kind, best.layer))
+        return Run("reference loop (torch)", decisions, time.perf_counter() - start, 0.0, flops)
+
+
+def _attn_projs(layer):
+    a = layer.self_attn
+    return a.q_proj, a.k_proj, a.v_proj, a.o_proj
+
+
+def _mlp_projs(layer):
+    m = layer.mlp
+    return m.gate_proj, m.up_proj, m.down_proj
+
+
+def _skipping_forward(self, hidden_states, **kwargs):
+    """A transformers decoder layer that skips a removed block, as the reference's patch does."""
+    if self.has_attn:
+        attended, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+        hidden_states = hidden_states + attended
+    if self.has_mlp:
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+    return hidden_states
+
+
+def minimum_flops(dense: ModelSpec, settings, decisions, rows: dict[str, np.ndarray]) -> float:
+    """The fewest FLOPs of an exhaustive exact search with these decisions: per step one prefix
+    pass (layers 0..L-2), then every candidate from its own layer at its pruned shapes."""
+    spec, total = dense, 0.0
+    for stage, kind, layer in decisions:
+        r = rows[search.scorer_for(stage)]
+        n, seq = r.shape
+        last = cost.layer_flops(spec, spec.layers[-1], n, seq)
+        total += cost.forward_flops(spec, n, seq, head=False) - last
+        for cand in search.candidates(stage, spec, settings):
+            after = search.remove(spec, cand, settings)
+            total += cost.forward_flops(after, n, seq, first=cand.layer)
+        spec = search.remove(spec, search.Candidate(stage, kind, layer), settings)
+    return total
+
+
+def matmul_peak(n: int = 4096) -> float:
+    """FLOP/s of a jitted float32 ``[n, n] @ [n, n]`` on one device (best of 5)."""
+    a = jnp.ones((n, n), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    dot(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        dot(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def _first_block_step(model, rows, ignore, computed: bool) -> Run:
+    settings = search.Settings(target_ratio=0.01, **{**SETTINGS, "distribution": (1.0, 0.0, 0.0)})
+    name = "first block step, removed blocks " + ("computed" if computed else "skipped")
+    with computing_off_blocks() if computed else contextlib.nullcontext():
+        return _ours(model, rows, ignore, name, (1, 1, 1), settings, computed)
 
 
 def main(argv: list[str]) -> None:
@@ -62,27 +262,69 @@ def main(argv: list[str]) -> None:
         num_width=_WIDTH.value,
         num_block=_BLOCK.value,
     )
+    rows = {"block": block, "width": width}
+    ignore = tokenizer.eos_token_id
     model = hf_io.load_model(path)
     surgery.reorder(model)
-    rows = {"block": block, "width": width}
+    with tempfile.TemporaryDirectory() as tmp:
+        export.export(model, tmp, fmt="padded")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+    settings = search.Settings(target_ratio=_TARGET.value, **SETTINGS)
+    peak = matmul_peak()
     print(
         f"SmolLM2-135M fp32, target {_TARGET.value}% (44:52:4, groups 256/192), "
-        f"{block.shape[0]} block + {width.shape[0]} width rows of {_SEQLEN.value} tokens"
+        f"{block.shape[0]} block + {width.shape[0]} width rows of {_SEQLEN.value} tokens, "
+        f"{jax.device_count()} fake CPU devices, torch {torch.get_num_threads()} threads "
+        f"(OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']})"
     )
-    results = {}
-    for prefix_cache in (False, True):
-        state, wall, compile_s = _run(model, rows, tokenizer.eos_token_id, prefix_cache)
-        results[prefix_cache] = state
-        cands = sum(s.candidates for s in state.steps)
-        print(
-            f"prefix_cache={str(prefix_cache):5}: {wall:7.1f} s wall, {len(state.steps)} steps, "
-            f"{cands} candidates, {wall / cands:.3f} s/candidate, compile+trace "
-            f"{compile_s:.1f} s ({compile_s / wall:.0%})"
-        )
-    same = [(s.stage, s.kind, s.layer) for s in results[False].steps] == [
-        (s.stage, s.kind, s.layer) for s in results[True].steps
+    print(f"fp32 matmul peak (jitted 4096^3 jnp.dot, best of 5): {peak / 1e9:.1f} GFLOP/s")
+    c = _CANDIDATES.value
+    runs = [
+        TorchReference(hf, model.spec, settings, rows, ignore).search(),
+        _ours(model, rows, ignore, "ours, plain", (1, 1, 1), _with(settings, False, False)),
+        _ours(model, rows, ignore, "ours + prefix cache", (1, 1, 1), _with(settings, True, False)),
+        _ours(model, rows, ignore, "ours + cache + bound", (1, 1, 1), _with(settings, True, True)),
+        _ours(
+            model,
+            rows,
+            ignore,
+            f"ours + cache + bound + {c} candidate groups",
+            (c, 1, 1),
+            _with(settings, True, True),
+        ),
     ]
-    print(f"same decisions: {same}")
+    reference = runs[0]
+    head = f"{'variant':<44} {'wall s':>8} {'compile s':>9} {'TFLOP':>7} {'GFLOP/s':>8} {'peak':>5}"
+    print(head + f" {'speed-up':>8} {'rows skipped':>12}  same decisions")
+    for run in runs:
+        print(
+            f"{run.name:<44} {run.wall:8.1f} {run.compile:9.1f} {run.flops / 1e12:7.2f} "
+            f"{run.flops / run.wall / 1e9:8.1f} {run.flops / run.wall / peak:5.0%} "
+            f"{reference.wall / run.wall:7.2f}x {run.skipped:12.1%}  "
+            f"{run.decisions == reference.decisions}"
+        )
+    print(f"decisions: {reference.decisions}")
+    least = minimum_flops(model.spec, settings, reference.decisions, rows)
+    limit = least / peak
+    print(
+        f"exact limit: {least / 1e12:.2f} TFLOP (one prefix pass per step, every candidate from "
+        f"its own layer at its pruned shapes) / peak = {limit:.1f} s"
+    )
+    for run in runs[2:]:
+        print(f"  {run.name}: {limit / run.wall:.0%} of the limit")
+    computed = _first_block_step(model, rows, ignore, computed=True)
+    skipped = _first_block_step(model, rows, ignore, computed=False)
+    for run in (computed, skipped):
+        print(f"{run.name}: {run.wall:.1f} s, {run.flops / 1e12:.2f} TFLOP")
+    print(
+        f"skipping removed blocks: {computed.wall / skipped.wall:.2f}x faster, "
+        f"{1 - skipped.flops / computed.flops:.1%} fewer FLOPs, same decision: "
+        f"{computed.decisions == skipped.decisions}"
+    )
+
+
+def _with(settings: search.Settings, prefix_cache: bool, bound: bool) -> search.Settings:
+    return dataclasses.replace(settings, prefix_cache=prefix_cache, bound=bound)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,10 @@ as the physically smaller model built from the matching spec.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -106,18 +110,51 @@ class DecoderLayer(nnx.Module):
     def __call__(
         self, x: jax.Array, cos: jax.Array, sin: jax.Array, masks: LayerMasks | None = None
     ) -> jax.Array:
-        """``x: [batch, seq, hidden]`` -> same shape."""
+        """``x: [batch, seq, hidden]`` -> same shape.
+
+        A block whose mask (``masks.attn`` / ``masks.mlp``) is 0 is skipped, not computed: the
+        residual stream passes unchanged, exactly as when the block is removed.
+        """
         if self.self_attn is not None:
-            a = self.self_attn(
-                self.input_layernorm(x), cos, sin, None if masks is None else masks.kv
-            )
-            x = x + (a if masks is None else a * masks.attn.astype(a.dtype))
+            kv = None if masks is None else masks.kv
+
+            def attend(x: jax.Array) -> jax.Array:
+                return x + self.self_attn(self.input_layernorm(x), cos, sin, kv)
+
+            x = attend(x) if masks is None else _unless_off(masks.attn, attend, x)
         if self.mlp is not None:
-            m = self.mlp(
-                self.post_attention_layernorm(x), None if masks is None else masks.channels
-            )
-            x = x + (m if masks is None else m * masks.mlp.astype(m.dtype))
+            channels = None if masks is None else masks.channels
+
+            def feed_forward(x: jax.Array) -> jax.Array:
+                return x + self.mlp(self.post_attention_layernorm(x), channels)
+
+            x = feed_forward(x) if masks is None else _unless_off(masks.mlp, feed_forward, x)
         return x
+
+
+# Whether a block that its mask switches off is skipped (``lax.cond``, the default) or computed
+# and discarded (a select). Code that runs one program over groups of devices that may disagree
+# on a mask, while the block holds collectives, uses the select where conditional collectives
+# deadlock (``computing_off_blocks``).
+_SKIP_OFF_BLOCKS = contextvars.ContextVar("skip_off_blocks", default=True)
+
+
+@contextlib.contextmanager
+def computing_off_blocks() -> Iterator[None]:
+    """Within the block (at trace time), switched-off blocks are computed and discarded."""
+    token = _SKIP_OFF_BLOCKS.set(False)
+    try:
+        yield
+    finally:
+        _SKIP_OFF_BLOCKS.reset(token)
+
+
+def _unless_off(on: jax.Array, block, x: jax.Array) -> jax.Array:
+    """``block(x)`` when the scalar mask ``on`` is non-zero, else ``x`` (``block`` is skipped,
+    or under ``computing_off_blocks`` computed and discarded)."""
+    if _SKIP_OFF_BLOCKS.get():
+        return jax.lax.cond(on != 0, block, lambda x: x, x)
+    return jnp.where(on != 0, block(x), x)
 
 
 class DecoderModel(nnx.Module):

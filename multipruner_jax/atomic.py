@@ -13,7 +13,8 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,23 @@ _TMP = "tmp"
 _OLD = "old"
 
 
-def _sibling(path: Path, kind: str) -> Path:
-    """A fresh hidden name beside ``path``: ``.<name>.<kind>-<random>``."""
-    return path.with_name(f".{path.name}.{kind}-{uuid.uuid4().hex[:8]}")
+def _sibling(path: Path, kind: str, token: str | None = None) -> Path:
+    """A hidden name beside ``path``: ``.<name>.<kind>-<token or random>``."""
+    return path.with_name(f".{path.name}.{kind}-{token or uuid.uuid4().hex[:8]}")
+
+
+@dataclass(frozen=True)
+class Shared:
+    """A directory that several processes write at once (each its part of a sharded array).
+
+    ``token`` names the temporary directory (the same in every process), ``owner`` is true in the
+    one process that creates, renames and cleans up, and ``sync()`` returns once every process
+    has called it.
+    """
+
+    token: str
+    owner: bool
+    sync: Callable[[], None]
 
 
 def stale_siblings(path: str | os.PathLike[str]) -> list[Path]:
@@ -64,28 +79,37 @@ def read_json(path: str | os.PathLike[str]) -> Any:
 
 
 @contextlib.contextmanager
-def directory(final: str | os.PathLike[str]) -> Iterator[Path]:
+def directory(final: str | os.PathLike[str], shared: Shared | None = None) -> Iterator[Path]:
     """Yield an empty temporary directory that replaces ``final`` when the block succeeds.
 
     Stale temporary siblings of ``final`` (from a killed write) are removed first. On success an
     existing ``final`` is renamed aside, the new directory renamed in, and the old one deleted, so
     ``final`` is never a mix of both; on any error the temporary directory is removed and
-    ``final`` is left as it was.
+    ``final`` is left as it was. With ``shared``, every process gets the same directory, only
+    the owner prepares and renames it, and all wait for each other before and after the block.
     """
+    owner = shared is None or shared.owner
+    sync = shared.sync if shared is not None else lambda: None
     final = Path(final).absolute()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in stale_siblings(final):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = _sibling(final, _TMP)
-    tmp.mkdir()
+    tmp = _sibling(final, _TMP, shared.token if shared is not None else None)
+    if owner:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        for stale in stale_siblings(final):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    sync()
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if owner:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = _sibling(final, _OLD) if final.exists() else None
-    if old is not None:
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old)
+    sync()
+    if owner:
+        old = _sibling(final, _OLD) if final.exists() else None
+        if old is not None:
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old)
+    sync()

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -47,17 +48,35 @@ def locate(path: str) -> str:
 
 
 def save(path: str, model: CausalLM, extra: dict[str, Any] | None = None, tokenizer=None) -> None:
-    """Save ``model`` (params, spec, optional ``extra`` JSON files and tokenizer) atomically."""
-    with atomic.directory(path) as tmp:
-        atomic.write_json(tmp / SPEC_FILE, model.spec.to_dict())
-        for name, obj in (extra or {}).items():
-            atomic.write_json(tmp / name, obj)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+    """Save ``model`` (params, spec, optional ``extra`` JSON files and tokenizer) atomically.
+
+    In a multi-process run every process must call this (each writes its part of the
+    parameters); process 0 writes the rest.
+    """
+    shared = _shared(path) if jax.process_count() > 1 else None
+    with atomic.directory(path, shared) as tmp:
+        if shared is None or shared.owner:
+            atomic.write_json(tmp / SPEC_FILE, model.spec.to_dict())
+            for name, obj in (extra or {}).items():
+                atomic.write_json(tmp / name, obj)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / PARAMS_DIR, nnx.to_pure_dict(nnx.state(model)))
         checkpointer.wait_until_finished()
         checkpointer.close()
+
+
+def _shared(path: str) -> atomic.Shared:
+    """One temporary checkpoint directory for all processes, named by process 0."""
+    from jax.experimental import multihost_utils
+
+    token = multihost_utils.broadcast_one_to_all(np.frombuffer(os.urandom(4), np.uint32))
+    return atomic.Shared(
+        token=f"{int(token[0]):08x}",
+        owner=jax.process_index() == 0,
+        sync=lambda: multihost_utils.sync_global_devices(f"checkpoint {path}"),
+    )
 
 
 def load_spec(path: str) -> ModelSpec:

@@ -64,7 +64,7 @@ def evaluate(
     seqlen: int = 2048,
     windows: int = 0,
     dtype: jnp.dtype = jnp.float32,
-    mesh_shape: tuple[int, int] | None = None,
+    mesh_shape: tuple[int, ...] | None = None,
     batch_size: int = 0,
     cache_dir: str | None = None,
     tasks: tuple[str, ...] = (),

@@ -67,7 +67,7 @@ class JaxLM(TemplateLM):
         path: str,
         *,
         dtype: jnp.dtype = jnp.float32,
-        mesh_shape: tuple[int, int] | None = None,
+        mesh_shape: tuple[int, ...] | None = None,
         **kwargs,
     ) -> JaxLM:
         """Load an HF directory (dense or compact export) or our checkpoint onto a mesh."""

@@ -35,6 +35,7 @@ from jax.sharding import Mesh
 
 from models.decoder import CausalLM
 from multipruner_jax import mesh as mesh_lib
+from multipruner_jax.inflight import InFlight
 
 GRANULE = 8
 
@@ -156,9 +157,10 @@ class ContinuationScorer:
         inputs, positions, conts, valid = (put(x) for x in (inputs, positions, conts, valid))
         cos, sin = self._rope_tables(t_size)
         embed, layers, head = self._parts
-        h = embed[0](embed[1], inputs)
+        in_flight = InFlight()  # a deep queue of programs deadlocks XLA:CPU (see inflight.py)
+        h = in_flight.add(embed[0](embed[1], inputs))
         for program, state in layers:
-            h = program(state, h, cos, sin)
+            h = in_flight.add(program(state, h, cos, sin))
         program, state, w_out = head
         return program(state, w_out, h, positions, conts, valid)
 

@@ -1,14 +1,28 @@
-"""Device mesh ("data", "model"); shardings of rows, activations and parameters; multi-host."""
+"""Device mesh ("candidate", "data", "model"); shardings of rows, activations and parameters;
+multi-process runs.
+
+Candidates of one search step are scored side by side on the "candidate" axis (each candidate
+group of devices holds a full copy of the model), rows are split over "data", heads and MLP
+channels over "model". A two-number shape ``data,model`` means one candidate group.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+import os
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+AXES = ("candidate", "data", "model")
 
 # Where to place each parameter: (our dotted path, e.g. "model.layers.3.mlp.up_proj.kernel",
 # shape) -> sharding. Loaders, surgery and checkpoints take one.
@@ -30,28 +44,36 @@ _MODEL_AXIS = {
 }
 
 
-def parse_mesh_shape(text: str) -> tuple[int, int] | None:
-    """``"4,2"`` -> ``(4, 2)`` (data, model); ``""`` -> ``None`` (all devices on "data")."""
+def parse_mesh_shape(text: str) -> tuple[int, int, int] | None:
+    """``"4,2"`` -> ``(1, 4, 2)``; ``"2,4,1"`` -> ``(2, 4, 1)`` (candidate, data, model);
+    ``""`` -> ``None`` (all devices on "data")."""
     if not text:
         return None
     parts = text.split(",")
-    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        raise ValueError(f"--mesh_shape={text!r}: expected two positive integers 'data,model'")
-    return int(parts[0]), int(parts[1])
+    if len(parts) not in (2, 3) or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(
+            f"--mesh_shape={text!r}: expected two or three positive integers 'data,model' or "
+            "'candidate,data,model'"
+        )
+    return _full_shape(tuple(int(p) for p in parts))
 
 
-def make_mesh(shape: tuple[int, int] | None = None) -> Mesh:
-    """A ``Mesh`` with Auto axes ``("data", "model")`` over the first ``data*model`` devices
-    (default: all devices on "data")."""
+def _full_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    return (1, *shape) if len(shape) == 2 else tuple(shape)
+
+
+def make_mesh(shape: tuple[int, ...] | None = None) -> Mesh:
+    """A ``Mesh`` with Auto axes ``("candidate", "data", "model")`` over the first
+    ``candidate*data*model`` devices; ``shape`` is ``(data, model)`` or
+    ``(candidate, data, model)`` (default: all devices on "data")."""
     devices = jax.devices()
-    if shape is None:
-        shape = (len(devices), 1)
+    shape = (1, len(devices), 1) if shape is None else _full_shape(tuple(shape))
     if math.prod(shape) > len(devices):
         raise ValueError(
             f"mesh shape {shape} needs {math.prod(shape)} devices; {len(devices)} are available"
         )
     grid = np.asarray(devices[: math.prod(shape)]).reshape(shape)
-    return Mesh(grid, ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 
 def rows_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
@@ -74,6 +96,98 @@ def param_sharding(mesh: Mesh, path: str, shape: tuple[int, ...]) -> NamedShardi
     return replicated(mesh)
 
 
-def initialize_distributed() -> None:
-    """Join a multi-host run (Cloud TPU pods): call before any other JAX work."""
-    jax.distributed.initialize()
+def global_array(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """``value`` (the same on every process) placed on ``sharding``; each process fills only its
+    own devices, so this works when the sharding spans processes."""
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole of ``x`` as numpy on this process, also when ``x`` spans processes."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    timeout_s: int = 120,
+) -> None:
+    """Join a multi-process run (a Cloud TPU VM slice, a multi-GPU host, or local CPU processes);
+    call before any other JAX work.
+
+    Without a coordinator address JAX detects the cluster (Cloud TPU, SLURM, ...). CPU devices
+    use Gloo collectives. Raises ``ValueError`` (one sentence) when no coordinator is given or
+    detected, or when a process other than 0 cannot reach it within ``timeout_s`` seconds.
+    Process 0 (which hosts the coordinator) and every process later fail within about
+    ``timeout_s`` seconds when another process never arrives or stops answering (JAX ends the
+    process with "the JAX distributed service detected fatal errors").
+    """
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if coordinator_address and process_id:
+        _wait_for_coordinator(coordinator_address, timeout_s)
+    try:
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+            initialization_timeout=timeout_s,
+            heartbeat_timeout_seconds=timeout_s,
+            shutdown_timeout_seconds=timeout_s,
+        )
+    except (ValueError, RuntimeError) as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise ValueError(
+            "--distributed: no coordinator was given or detected; pass "
+            "--coordinator_address=host:port, --num_processes and --process_id, or run on a "
+            f"Cloud TPU VM slice ({reason})"
+        ) from None
+
+
+def _wait_for_coordinator(address: str, timeout_s: int) -> None:
+    """Return once ``host:port`` accepts a TCP connection; ``ValueError`` after ``timeout_s``."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--coordinator_address={address!r}: expected host:port")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=1.0):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise ValueError(
+                    f"--distributed: the coordinator at {address} could not be reached within "
+                    f"{timeout_s} s ({e.strerror or e}); start process 0 there first, or check "
+                    "--coordinator_address"
+                ) from None
+        time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def leave_on_error() -> Iterator[None]:
+    """In a multi-process run, end this process at once (exit status 1) when the block raises,
+    after printing the error (one line for ``ValueError``/``OSError``, else the traceback).
+
+    Otherwise it would wait for the other processes at JAX's shutdown barrier while they wait
+    for it in a collective; they fail once the coordinator misses this process (about
+    ``timeout_s`` of ``initialize_distributed``). In a single process this does nothing.
+    """
+    try:
+        yield
+    except BaseException as error:
+        if not jax.distributed.is_initialized():
+            raise
+        where = f"process {jax.process_index()} of {jax.process_count()}"
+        if isinstance(error, (ValueError, OSError)):
+            print(f"error ({where}): {' '.join(str(error).split())}", file=sys.stderr)
+        else:
+            print(f"error ({where}):", file=sys.stderr)
+            traceback.print_exc()
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(1)

@@ -71,6 +71,7 @@ class PruneOptions:
     batch_size: int = 0
     scoring_mode: str = "layer"
     prefix_cache: bool = True
+    bound: bool = True
     token_chunk: int = 512
     resume: bool = False
     eval_dataset: str = "wikitext2"
@@ -116,7 +117,7 @@ class Plan:
 
     opts: PruneOptions
     dense: ModelSpec
-    mesh_shape: tuple[int, int] | None
+    mesh_shape: tuple[int, int, int] | None
     settings: search.Settings | None  # None: apply ``config``
     config: dict[str, Any] | None
     state: search.SearchState  # the steps a resumed search replays
@@ -150,10 +151,14 @@ def check_options(opts: PruneOptions) -> Plan:
             f"--mesh_shape={opts.mesh_shape} needs {math.prod(mesh_shape)} devices; "
             f"{devices} are available"
         )
-    data_axis = (mesh_shape or (devices, 1))[0]
+    candidate_axis, data_axis, _ = mesh_shape or (1, devices, 1)
     if opts.batch_size % data_axis:
         raise ValueError(
             f"--batch_size={opts.batch_size} is not a multiple of the mesh's data axis {data_axis}"
+        )
+    if candidate_axis > 1 and opts.scoring_mode != "layer":
+        raise ValueError(
+            f"--mesh_shape={opts.mesh_shape} has a candidate axis, which needs --scoring_mode=layer"
         )
     _check_output_path(opts.output_path)
     if opts.export_hf:
@@ -181,6 +186,7 @@ def check_options(opts: PruneOptions) -> Plan:
         mlp_group=opts.mlp_channel_group_size,
         attn_group=opts.attn_channel_group_size,
         prefix_cache=opts.prefix_cache,
+        bound=opts.bound,
     )
     search.check_targets(dense, settings)
     data.check_source(opts.calibration_dataset)
@@ -351,8 +357,9 @@ def run(opts: PruneOptions, flags_text: str | None = None) -> dict[str, Any]:
     plan = check_options(opts)
     t0 = time.perf_counter()
     ckpt = os.path.join(opts.output_path, checkpoint.DIR)
-    for stale in atomic.stale_siblings(ckpt):
-        shutil.rmtree(stale, ignore_errors=True)
+    if jax.process_index() == 0:  # other processes may already be writing in a multi-process run
+        for stale in atomic.stale_siblings(ckpt):
+            shutil.rmtree(stale, ignore_errors=True)
     model_dir = model_source.resolve(opts.model_path)
     job = _Job(
         plan=plan,

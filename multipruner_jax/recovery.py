@@ -144,7 +144,7 @@ def check_options(opts: FinetuneOptions) -> None:
                 f"--{name}={getattr(opts, name)!r}: expected one of {', '.join(DTYPES)}"
             )
     opts.lora_config().check()
-    data_axis = (mesh_lib.parse_mesh_shape(opts.mesh_shape) or (jax.device_count(), 1))[0]
+    data_axis = (mesh_lib.parse_mesh_shape(opts.mesh_shape) or (1, jax.device_count(), 1))[1]
     if opts.micro_batch_size % data_axis:
         raise ValueError(
             f"--micro_batch_size={opts.micro_batch_size} is not a multiple of the mesh's data "

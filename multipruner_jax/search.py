@@ -19,9 +19,10 @@ from models import masks as masks_lib
 from models.decoder import CausalLM
 from models.masks import Masks
 from models.spec import ModelSpec, count_params, pruned_ratio
+from multipruner_jax import step as step_lib
 from multipruner_jax import surgery
 from multipruner_jax.mesh import ShardingFor
-from multipruner_jax.scoring import Scorer
+from multipruner_jax.scoring import Scorer, Slot
 
 Stage = Literal["block", "mlp_width", "attn_head"]
 Kind = Literal["attn", "mlp"]
@@ -30,13 +31,16 @@ STAGES: tuple[Stage, ...] = get_args(Stage)
 
 @dataclass(frozen=True)
 class Settings:
-    """Search knobs: ``target_ratio`` in percent, ``distribution`` normalised to sum 1."""
+    """Search knobs: ``target_ratio`` in percent, ``distribution`` normalised to sum 1;
+    ``prefix_cache`` scores candidates from cached layer inputs, ``bound`` stops candidates
+    that provably cannot win (both exact)."""
 
     target_ratio: float
     distribution: tuple[float, float, float] = (0.44, 0.52, 0.04)
     mlp_group: int = 1024
     attn_group: int = 128
     prefix_cache: bool = True
+    bound: bool = True
 
     def stage_targets(self) -> tuple[float, float, float]:
         """Cumulative ratio targets ``T*a, T*(a+b), T``."""
@@ -233,6 +237,7 @@ class Step:
     candidates: int
     seconds: float
     compiles: int
+    rows_skipped: float = 0.0  # share of the candidates' rows the bound left unscored
 
     @property
     def candidate(self) -> Candidate:
@@ -362,6 +367,7 @@ def search(
     if state.steps:
         model = surgery.shrink(model, spec, sharding_for)
     per_candidate = _CostModel(scorers)
+    ranks: dict[Candidate, float | None] = {}
     for stage, target in zip(STAGES, settings.stage_targets(), strict=True):
         scorer = scorers[scorer_for(stage)]
         while pruned_ratio(spec, dense) < target:
@@ -377,20 +383,26 @@ def search(
                 remove(spec, cands[0], settings), dense, settings, per_candidate.estimates()
             )
             cache = scorer.prefix_cache(model) if settings.prefix_cache else None
-            best, best_ppl = None, math.inf
-            for j, cand in enumerate(cands):
-                masks = candidate_masks(spec, cand, settings)
-                start = None if cache is None else cache.start_at(cand.layer)
-                ppl = scorer.perplexity(model, masks, start)
-                if ppl < best_ppl:
-                    best, best_ppl = cand, ppl
-                elapsed = time.perf_counter() - start_time
-                eta = elapsed / (j + 1) * (len(cands) - j - 1)
-                progress.candidate(
-                    stage, len(state.steps), j + 1, len(cands), best_ppl, ratio, eta, eta + later
+            slots = [
+                Slot(candidate_masks(spec, c, settings), c.layer if cache else 0) for c in cands
+            ]
+            done = _reporter(progress, stage, len(state.steps), len(cands), ratio, later)
+            outcome = step_lib.score_step(
+                scorer,
+                model,
+                slots,
+                order=_best_first(cands, ranks, scorer.candidates) if settings.bound else None,
+                bound=settings.bound,
+                cache=cache,
+                on_done=done,
+            )
+            ranks = dict(zip(cands, outcome.ppl, strict=True))
+            winner = outcome.winner()
+            if winner is None:
+                raise FloatingPointError(
+                    f"{stage} step {len(state.steps)}: no candidate has a finite score"
                 )
-            if best is None:
-                raise FloatingPointError(f"{stage} step {len(state.steps)}: every score was NaN")
+            best, best_ppl = cands[winner], outcome.ppl[winner]
             del cache
             spec = remove(spec, best, settings)
             model = surgery.shrink(model, spec, sharding_for)
@@ -405,6 +417,7 @@ def search(
                 candidates=len(cands),
                 seconds=time.perf_counter() - start_time,
                 compiles=scorer.compiles.count - start_compiles,
+                rows_skipped=outcome.skipped,
             )
             state.steps.append(record)
             per_candidate.measured(record)
@@ -414,6 +427,37 @@ def search(
             if on_step is not None:
                 on_step(state, model)
     return model, state
+
+
+def _reporter(
+    progress: Progress, stage: Stage, step: int, total: int, ratio: float, later: float
+) -> Callable[[int, float], None]:
+    """``on_done(finished, best_ppl)`` for ``score_step``: live progress with the step's ETA."""
+    start = time.perf_counter()
+
+    def done(finished: int, best: float) -> None:
+        eta = (time.perf_counter() - start) / finished * (total - finished)
+        progress.candidate(stage, step, finished, total, best, ratio, eta, eta + later)
+
+    return done
+
+
+def _best_first(
+    cands: list[Candidate], ranks: dict[Candidate, float | None], first: int
+) -> list[int]:
+    """Candidate indices: the ``first`` that ranked best in the previous step (lowest
+    perplexity; unscored, stopped or NaN ones rank last), then the rest in reference order.
+
+    The best ones set a tight bound early; the rest keep the reference (layer) order, so a
+    wave of candidate groups spans few layers.
+    """
+
+    def key(k: int) -> tuple[float, int]:
+        ppl = ranks.get(cands[k])
+        return (math.inf if ppl is None or math.isnan(ppl) else ppl, k)
+
+    best = sorted(range(len(cands)), key=key)[:first]
+    return best + [k for k in range(len(cands)) if k not in best]
 
 
 def scorer_for(stage: Stage) -> str:

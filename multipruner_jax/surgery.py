@@ -15,7 +15,8 @@ from flax import nnx
 from models import decoder
 from models.decoder import Attention, CausalLM
 from models.spec import ModelSpec
-from multipruner_jax.mesh import ShardingFor
+from multipruner_jax.inflight import InFlight
+from multipruner_jax.mesh import ShardingFor, to_host
 
 
 def _importance_order(scores: np.ndarray) -> np.ndarray:
@@ -25,11 +26,11 @@ def _importance_order(scores: np.ndarray) -> np.ndarray:
 
 def _l1_columns(kernel: jax.Array) -> np.ndarray:
     """L1 norm of every output unit (HF weight row = column of our ``[in, out]`` kernel)."""
-    return np.abs(np.asarray(kernel, np.float32)).sum(axis=0)
+    return np.abs(to_host(kernel).astype(np.float32)).sum(axis=0)
 
 
 def _permute(param: nnx.Param, axis: int, order: np.ndarray) -> None:
-    param[...] = jnp.take(param[...], jnp.asarray(order), axis=axis)
+    param[...] = jax.block_until_ready(jnp.take(param[...], jnp.asarray(order), axis=axis))
 
 
 def _reorder_mlp(mlp: decoder.MLP) -> None:
@@ -89,6 +90,7 @@ def shrink(
     target = decoder.abstract(spec, dtype)
     graphdef, abstract_state = nnx.split(target)
     new_leaves = {}
+    in_flight = InFlight()
     for path, var in nnx.to_flat_state(abstract_state):
         if path not in old_by_path:
             raise ValueError(f"cannot shrink: {'.'.join(map(str, path))} is not in the model")
@@ -101,6 +103,6 @@ def shrink(
         sliced = src[tuple(slice(0, n) for n in shape)]
         if sharding_for is not None:
             sliced = jax.device_put(sliced, sharding_for(".".join(map(str, path)), shape))
-        new_leaves[path] = sliced
+        new_leaves[path] = in_flight.add(sliced)
     state = nnx.from_flat_state(new_leaves)
     return nnx.merge(graphdef, state)

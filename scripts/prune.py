@@ -45,12 +45,15 @@ flags.DEFINE_string(
     "pruned_model_config_file", None, "Apply this pruning_config.json instead of searching."
 )
 flags.DEFINE_enum("dtype", _D.dtype, list(pipeline.DTYPES), "Parameter and compute dtype.")
-flags.DEFINE_string("mesh_shape", _D.mesh_shape, "'data,model' device mesh; default all on data.")
+flags.DEFINE_string(
+    "mesh_shape", _D.mesh_shape, "'data,model' or 'candidate,data,model'; default all on data."
+)
 flags.DEFINE_integer("batch_size", _D.batch_size, "Rows per scoring batch; 0 = one per device.")
 flags.DEFINE_enum(
     "scoring_mode", _D.scoring_mode, list(scoring.MODES), "Per-layer programs or one whole jit."
 )
 flags.DEFINE_bool("prefix_cache", _D.prefix_cache, "Reuse cached layer inputs below a candidate.")
+flags.DEFINE_bool("bound", _D.bound, "Stop scoring candidates that provably cannot win.")
 flags.DEFINE_integer("token_chunk", _D.token_chunk, "Positions per fp32 logits chunk.")
 flags.DEFINE_bool("resume", _D.resume, "Continue the search saved in --output_path.")
 flags.DEFINE_string(
@@ -64,7 +67,11 @@ flags.DEFINE_enum(
     "export_dtype", _D.export_dtype, list(export.DTYPES), "Tensor dtype of --export_hf."
 )
 flags.DEFINE_bool("export_overwrite", _D.export_overwrite, "Replace a non-empty --export_hf.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host TPU).")
+flags.DEFINE_bool("distributed", False, "Join a multi-process run (jax.distributed) first.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (auto on Cloud TPU).")
+flags.DEFINE_integer("num_processes", None, "Processes in the run (auto on Cloud TPU).")
+flags.DEFINE_integer("process_id", None, "This process's index (auto on Cloud TPU).")
+flags.DEFINE_integer("coordinator_timeout", 120, "Seconds to reach the coordinator or a peer.")
 flags.DEFINE_bool("quiet", _D.quiet, "No progress output.")
 
 FLAGS = flags.FLAGS
@@ -72,13 +79,19 @@ FLAGS = flags.FLAGS
 
 def main() -> None:
     if FLAGS.distributed:
-        mesh.initialize_distributed()
+        mesh.initialize_distributed(
+            FLAGS.coordinator_address,
+            FLAGS.num_processes,
+            FLAGS.process_id,
+            FLAGS.coordinator_timeout,
+        )
     names = [f.name for f in FLAGS.get_key_flags_for_module(sys.modules[__name__])]
     opts = pipeline.PruneOptions(
         **{n: FLAGS[n].value for n in names if n in pipeline.PruneOptions.__dataclass_fields__}
     )
     flag_lines = [FLAGS[n].serialize() for n in names if FLAGS[n].value is not None]
-    pipeline.run(opts, flags_text="\n".join(flag_lines) + "\n")
+    with mesh.leave_on_error():
+        pipeline.run(opts, flags_text="\n".join(flag_lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -56,8 +58,10 @@ def spec(family: str, **overrides: Any) -> ModelSpec:
 
 
 def model(family: str, seed: int = 0) -> CausalLM:
-    """A random model whose norms and biases are non-trivial too (a fresh copy per call)."""
-    return nnx.merge(*_built(family, seed))
+    """A random model whose norms and biases are non-trivial too (a fresh copy per call: a test
+    may change its parameters in place)."""
+    graphdef, state = _built(family, seed)
+    return nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
 
 
 @functools.cache

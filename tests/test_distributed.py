@@ -1,0 +1,134 @@
+"""``prune.py --distributed`` as on a TPU VM slice: 2 local processes x 4 CPU devices (Gloo
+collectives through a local coordinator) take the decisions of one process with 8 devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import tiny_models
+
+from multipruner_jax import assets, checkpoint, data, pipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MESH = "2,2,2"  # a candidate group per process, rows and heads split inside each
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tiny_hf"))
+    corpus = data.load_records(str(assets.sotu_dir()))[:400]
+    tiny_models.tiny_tokenizer(path, corpus)
+    tiny_models.save_hf_model(path, "llama_gqa", vocab_size=300)
+    return path
+
+
+def _options(model_dir: str, out: str) -> dict:
+    return dict(
+        model_path=model_dir,
+        output_path=out,
+        weight_reorder=True,
+        target_ratio=12.0,
+        pruning_distribution="20:80:0",
+        mlp_channel_group_size=32,
+        attn_channel_group_size=32,
+        calibration_dataset=str(assets.sotu_dir()),
+        num_calibration_samples_block=2,
+        num_calibration_samples_width=1,
+        seqlen=32,
+        batch_size=4,
+        mesh_shape=MESH,
+        quiet=True,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _launch(options: dict, process: int, port: int, timeout: int, **override) -> subprocess.Popen:
+    flags = [f"--{k}={v}" for k, v in {**options, **override}.items() if not isinstance(v, bool)]
+    flags += [f"--{k}" for k, v in options.items() if v is True]
+    flags += [
+        "--distributed",
+        f"--coordinator_address=localhost:{port}",
+        "--num_processes=2",
+        f"--process_id={process}",
+        f"--coordinator_timeout={timeout}",
+    ]
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "PYTHONPATH": REPO,
+    }
+    script = os.path.join(REPO, "scripts", "prune.py")
+    return subprocess.Popen(
+        [sys.executable, script, *flags],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _decisions(out) -> list[tuple[str, str, int]]:
+    log = json.loads((out / "log.json").read_text())["steps"]
+    return [(s["stage"], s["kind"], s["layer"]) for s in log]
+
+
+def test_two_processes_take_the_decisions_of_one(model_dir, tmp_path):
+    one = tmp_path / "one"
+    pipeline.run(pipeline.PruneOptions(**_options(model_dir, str(one))))
+    two = tmp_path / "two"
+    options, port = _options(model_dir, str(two)), _free_port()
+    procs = [_launch(options, p, port, timeout=120) for p in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    assert _decisions(two) == _decisions(one)
+    assert len(_decisions(one)) >= 2
+    config = json.loads((two / "pruning_config.json").read_text())
+    assert config == json.loads((one / "pruning_config.json").read_text())
+    # One checkpoint, written by both processes into one folder, nothing left beside it.
+    assert sorted(os.listdir(two)) == sorted([*os.listdir(one), "flags.txt"])
+    assert (
+        checkpoint.restore(str(two / "checkpoint")).spec
+        == checkpoint.restore(str(one / "checkpoint")).spec
+    )
+
+
+def test_every_process_fails_when_one_does(model_dir, tmp_path):
+    options, port = _options(model_dir, str(tmp_path / "out")), _free_port()
+    start = time.monotonic()
+    procs = [
+        _launch(options, 0, port, timeout=15),
+        _launch(options, 1, port, timeout=15, calibration_dataset=str(tmp_path / "none.txt")),
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert procs[1].returncode == 1
+    assert "error (process 1 of 2): text source" in outs[1][1]
+    assert procs[0].returncode != 0
+    assert "another task died" in outs[0][1]
+    assert time.monotonic() - start < 200
+    assert not (tmp_path / "out" / "checkpoint").exists()
+
+
+def test_an_unreachable_coordinator_is_one_sentence(model_dir, tmp_path):
+    options = _options(model_dir, str(tmp_path / "out"))
+    proc = _launch(options, 1, _free_port(), timeout=3)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith("error: --distributed: the coordinator at localhost:")
+    )
+    assert not (tmp_path / "out").exists()
