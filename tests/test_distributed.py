@@ -3,6 +3,7 @@ collectives through a local coordinator) take the decisions of one process with 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -10,40 +11,24 @@ import subprocess
 import sys
 import time
 
-import pytest
 import tiny_models
 
-from multipruner_jax import assets, checkpoint, data, pipeline
+from multipruner_jax import checkpoint, pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESH = "2,2,2"  # a candidate group per process, rows and heads split inside each
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tiny_hf"))
-    corpus = data.load_records(str(assets.sotu_dir()))[:400]
-    tiny_models.tiny_tokenizer(path, corpus)
-    tiny_models.save_hf_model(path, "llama_gqa", vocab_size=300)
-    return path
-
-
-def _options(model_dir: str, out: str) -> dict:
-    return dict(
-        model_path=model_dir,
-        output_path=out,
-        weight_reorder=True,
+def _options(model_dir: str, out: str) -> pipeline.PruneOptions:
+    return tiny_models.prune_options(
+        model_dir,
+        out,
         target_ratio=12.0,
         pruning_distribution="20:80:0",
-        mlp_channel_group_size=32,
-        attn_channel_group_size=32,
-        calibration_dataset=str(assets.sotu_dir()),
         num_calibration_samples_block=2,
         num_calibration_samples_width=1,
-        seqlen=32,
         batch_size=4,
         mesh_shape=MESH,
-        quiet=True,
     )
 
 
@@ -53,9 +38,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(options: dict, process: int, port: int, timeout: int, **override) -> subprocess.Popen:
-    flags = [f"--{k}={v}" for k, v in {**options, **override}.items() if not isinstance(v, bool)]
-    flags += [f"--{k}" for k, v in options.items() if v is True]
+def _launch(
+    options: pipeline.PruneOptions, process: int, port: int, timeout: int, **override
+) -> subprocess.Popen:
+    flags = tiny_models.prune_flags(dataclasses.replace(options, **override))
     flags += [
         "--distributed",
         f"--coordinator_address=localhost:{port}",
@@ -84,11 +70,11 @@ def _decisions(out) -> list[tuple[str, str, int]]:
     return [(s["stage"], s["kind"], s["layer"]) for s in log]
 
 
-def test_two_processes_take_the_decisions_of_one(model_dir, tmp_path):
+def test_two_processes_take_the_decisions_of_one(tiny_model_dir, tmp_path):
     one = tmp_path / "one"
-    pipeline.run(pipeline.PruneOptions(**_options(model_dir, str(one))))
+    pipeline.run(_options(tiny_model_dir, str(one)))
     two = tmp_path / "two"
-    options, port = _options(model_dir, str(two)), _free_port()
+    options, port = _options(tiny_model_dir, str(two)), _free_port()
     procs = [_launch(options, p, port, timeout=120) for p in (0, 1)]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
@@ -105,8 +91,8 @@ def test_two_processes_take_the_decisions_of_one(model_dir, tmp_path):
     )
 
 
-def test_every_process_fails_when_one_does(model_dir, tmp_path):
-    options, port = _options(model_dir, str(tmp_path / "out")), _free_port()
+def test_every_process_fails_when_one_does(tiny_model_dir, tmp_path):
+    options, port = _options(tiny_model_dir, str(tmp_path / "out")), _free_port()
     start = time.monotonic()
     procs = [
         _launch(options, 0, port, timeout=15),
@@ -121,8 +107,8 @@ def test_every_process_fails_when_one_does(model_dir, tmp_path):
     assert not (tmp_path / "out" / "checkpoint").exists()
 
 
-def test_an_unreachable_coordinator_is_one_sentence(model_dir, tmp_path):
-    options = _options(model_dir, str(tmp_path / "out"))
+def test_an_unreachable_coordinator_is_one_sentence(tiny_model_dir, tmp_path):
+    options = _options(tiny_model_dir, str(tmp_path / "out"))
     proc = _launch(options, 1, _free_port(), timeout=3)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1

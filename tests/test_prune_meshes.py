@@ -14,10 +14,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
 import tiny_models
-
-from multipruner_jax import assets, data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --mesh_shape -> fake CPU devices of its process
@@ -33,32 +30,17 @@ MESHES = {
 }
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tiny_hf"))
-    corpus = data.load_records(str(assets.sotu_dir()))[:400]
-    tiny_models.tiny_tokenizer(path, corpus)
-    tiny_models.save_hf_model(path, "llama_gqa", vocab_size=300)
-    return path
-
-
 def _prune(model_dir: str, out: str, mesh: str, devices: int) -> subprocess.CompletedProcess:
-    flags = [
-        f"--model_path={model_dir}",
-        f"--output_path={out}",
-        "--weight_reorder",
-        "--target_ratio=12",
-        "--pruning_distribution=20:80:0",
-        "--mlp_channel_group_size=32",
-        "--attn_channel_group_size=32",
-        f"--calibration_dataset={assets.sotu_dir()}",
-        "--num_calibration_samples_block=6",
-        "--num_calibration_samples_width=1",
-        "--seqlen=32",
-        "--batch_size=4",
-        f"--mesh_shape={mesh}",
-        "--quiet",
-    ]
+    opts = tiny_models.prune_options(
+        model_dir,
+        out,
+        target_ratio=12.0,
+        pruning_distribution="20:80:0",
+        num_calibration_samples_block=6,
+        num_calibration_samples_width=1,
+        batch_size=4,
+        mesh_shape=mesh,
+    )
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
@@ -67,14 +49,18 @@ def _prune(model_dir: str, out: str, mesh: str, devices: int) -> subprocess.Comp
     }
     script = os.path.join(REPO, "scripts", "prune.py")
     return subprocess.run(
-        [sys.executable, script, *flags], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, script, *tiny_models.prune_flags(opts)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
-def test_every_mesh_form_finishes_with_the_same_decisions(model_dir, tmp_path):
+def test_every_mesh_form_finishes_with_the_same_decisions(tiny_model_dir, tmp_path):
     with ThreadPoolExecutor(max_workers=4) as pool:
         runs = {
-            mesh: pool.submit(_prune, model_dir, str(tmp_path / mesh), mesh, devices)
+            mesh: pool.submit(_prune, tiny_model_dir, str(tmp_path / mesh), mesh, devices)
             for mesh, devices in MESHES.items()
         }
         done = {mesh: run.result() for mesh, run in runs.items()}

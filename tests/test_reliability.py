@@ -57,17 +57,6 @@ def _one_error(done: subprocess.CompletedProcess, pattern: str) -> None:
     assert len(errors) == 1 and re.search(pattern, errors[0]), done.stderr[-3000:]
 
 
-def _flags(opts: pipeline.PruneOptions) -> list[str]:
-    """``opts`` as prune.py flags."""
-    out = []
-    for key, value in vars(opts).items():
-        if isinstance(value, bool):
-            out.append(f"--{key}" if value else f"--no{key}")
-        elif value is not None:
-            out.append(f"--{key}={value}")
-    return out
-
-
 @pytest.fixture(scope="module")
 def small_run(tiny_model_dir, tmp_path_factory):
     """A finished 5 % search: its output folder and summary."""
@@ -150,7 +139,7 @@ def test_a_stage_without_candidates_is_refused_before_loading(tiny_model_dir, tm
     # llama_gqa: 2 KV groups of 4 query heads x 8 dims: 64 query channels are every group.
     done = _script(
         "prune.py",
-        *_flags(_opts(tiny_model_dir, tmp_path / "out")),
+        *tiny_models.prune_flags(_opts(tiny_model_dir, tmp_path / "out")),
         "--attn_channel_group_size=64",
         "--pruning_distribution=0:0:1",
         "--target_ratio=5",
@@ -185,7 +174,10 @@ def test_a_config_of_another_model_is_refused_before_loading(small_run, tiny_mod
     path = tmp_path / "short.json"
     path.write_text(json.dumps(config))
     opts = _opts(tiny_model_dir, tmp_path / "out", pruned_model_config_file=str(path))
-    _one_error(_script("prune.py", *_flags(opts)), r"lacks layers 2\.\.3 of the 4-layer model")
+    _one_error(
+        _script("prune.py", *tiny_models.prune_flags(opts)),
+        r"lacks layers 2\.\.3 of the 4-layer model",
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -244,7 +236,7 @@ def test_a_damaged_search_state_is_one_sentence(
     path = tmp_path / "search_state.json"
     path.write_text(damage(path.read_text()))
     opts = _opts(tiny_model_dir, tmp_path, resume=True, target_ratio=5.0)
-    _one_error(_script("prune.py", *_flags(opts)), message)
+    _one_error(_script("prune.py", *tiny_models.prune_flags(opts)), message)
 
 
 # -- 6./7. one sentence, before loading ---------------------------------------------------------
@@ -278,12 +270,13 @@ def test_bad_options_are_one_sentence_before_loading(
 def test_output_paths_that_cannot_be_written(tiny_model_dir, tmp_path):
     (tmp_path / "file").write_text("x")
     _one_error(
-        _script("prune.py", *_flags(_opts(tiny_model_dir, tmp_path / "file"))),
+        _script("prune.py", *tiny_models.prune_flags(_opts(tiny_model_dir, tmp_path / "file"))),
         "exists and is not a directory",
     )
     unwritable = "/proc/multipruner-out"  # /proc refuses new entries, even to root
     _one_error(
-        _script("prune.py", *_flags(_opts(tiny_model_dir, unwritable))), "cannot write in /proc"
+        _script("prune.py", *tiny_models.prune_flags(_opts(tiny_model_dir, unwritable))),
+        "cannot write in /proc",
     )
 
 
@@ -294,7 +287,7 @@ def test_a_failure_while_loading_leaves_no_folder_with_only_flags(tmp_path, tiny
     config["intermediate_size"] = 64  # the tensors are 96 wide
     (broken / "config.json").write_text(json.dumps(config))
     opts = _opts(str(broken), tmp_path / "out", mlp_channel_group_size=32)
-    _one_error(_script("prune.py", *_flags(opts)), r"down_proj\.weight .* implies")
+    _one_error(_script("prune.py", *tiny_models.prune_flags(opts)), r"down_proj\.weight .* implies")
     assert not (tmp_path / "out").exists()
 
 
@@ -341,7 +334,7 @@ def test_outputs_follow_the_umask(small_run, tiny_model_dir, tmp_path):
         pruned_model_config_file=str(out / "pruning_config.json"),
         export_hf=str(tmp_path / "hf"),
     )
-    done = _script("prune.py", *_flags(opts), umask=0o022)
+    done = _script("prune.py", *tiny_models.prune_flags(opts), umask=0o022)
     assert done.returncode == 0, done.stderr[-3000:]
     for path in [run / "flags.txt", run / "pruning_config.json", tmp_path / "hf" / "config.json"]:
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
@@ -358,12 +351,12 @@ def test_logs_are_quiet_unless_asked(small_run, tiny_model_dir, tmp_path):
     out, _ = small_run
     config = str(out / "pruning_config.json")
     opts = _opts(tiny_model_dir, tmp_path / "a", pruned_model_config_file=config, quiet=False)
-    quiet = _script("prune.py", *_flags(opts))
+    quiet = _script("prune.py", *tiny_models.prune_flags(opts))
     assert quiet.returncode == 0, quiet.stderr[-3000:]
     assert "orbax" not in quiet.stderr and "backend 'tpu'" not in quiet.stderr
     assert "checkpoint:" in quiet.stdout
     opts = _opts(tiny_model_dir, tmp_path / "b", pruned_model_config_file=config)
-    loud = _script("prune.py", *_flags(opts), "--verbosity=0")
+    loud = _script("prune.py", *tiny_models.prune_flags(opts), "--verbosity=0")
     assert "orbax" in loud.stderr
 
 

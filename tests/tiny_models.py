@@ -149,3 +149,14 @@ def prune_options(model_dir: str, out, **changes: Any):
         quiet=True,
     )
     return pipeline.PruneOptions(**{**base, **changes})
+
+
+def prune_flags(opts) -> list[str]:
+    """``PruneOptions`` as ``prune.py`` command-line flags."""
+    flags = []
+    for key, value in vars(opts).items():
+        if isinstance(value, bool):
+            flags.append(f"--{key}" if value else f"--no{key}")
+        elif value is not None:
+            flags.append(f"--{key}={value}")
+    return flags
