@@ -12,8 +12,10 @@ given, only warnings and errors are logged.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from absl import app, flags, logging
 
@@ -43,6 +45,16 @@ def _main(main: Callable[[], object], argv: list[str]) -> int:
         print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+def options_from_flags(cls: type, module: str) -> tuple[Any, str]:
+    """The dataclass ``cls`` filled from the flags script ``module`` defines (fields it has),
+    and those flags as flagfile text (``flags.txt``)."""
+    names = [f.name for f in flags.FLAGS.get_key_flags_for_module(sys.modules[module])]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    options = cls(**{n: flags.FLAGS[n].value for n in names if n in fields})
+    lines = [flags.FLAGS[n].serialize() for n in names if flags.FLAGS[n].value is not None]
+    return options, "\n".join(lines) + "\n"
 
 
 def one_line(error: BaseException) -> str:

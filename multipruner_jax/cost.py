@@ -138,6 +138,8 @@ def project(
 
 def clock(seconds: float) -> str:
     """``h:mm`` (or ``m:ss`` under an hour)."""
-    if seconds < 3600:
-        return f"{int(seconds // 60)}:{int(round(seconds % 60)):02d} min"
-    return f"{int(seconds // 3600)}:{int(math.floor(seconds / 60 % 60)):02d} h"
+    if seconds < 3600 - 0.5:
+        seconds = int(round(seconds))
+        return f"{seconds // 60}:{seconds % 60:02d} min"
+    minutes = int(round(seconds / 60))
+    return f"{minutes // 60}:{minutes % 60:02d} h"

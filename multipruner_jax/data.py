@@ -218,6 +218,11 @@ def check_source(source: str, *, evaluation: bool = False) -> None:
     ``evaluation``: WikiText-2 or a local path), without reading it."""
     if evaluation and source in NAMED_SOURCES and source != "wikitext2":
         raise ValueError(f"evaluation source {source!r}: expected 'wikitext2' or a local path")
+    if source in NAMED_SOURCES and source != "wikitext2" and hub_offline():
+        raise ValueError(
+            f"text source {source!r} comes from the Hugging Face hub, which is switched off "
+            "(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE); pass a local copy instead"
+        )
     _resolve(source)
 
 
@@ -345,10 +350,10 @@ def _wikitext2_override(wikitext2_path: str | None) -> Path | None:
 
 def _load_wikitext2(wikitext2_path: str | None) -> list[str]:
     local = _wikitext2_override(wikitext2_path)
-    if local is None and not _hub_offline():
+    if local is None and not hub_offline():
         try:
             return list(_hub_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", "test")["text"])
-        except RuntimeError as error:
+        except HubUnavailable as error:
             _log.warning("%s; reading the local copy %s", error, DEFAULT_WIKITEXT2)
     local = local or DEFAULT_WIKITEXT2
     if not local.is_file():
@@ -379,24 +384,26 @@ def _load_ptb(_: str | None) -> list[str]:
     return list(_hub_dataset("ptb_text_only", "penn_treebank", "test")["sentence"])
 
 
+class HubUnavailable(OSError):
+    """A named source could not be fetched from the Hugging Face hub."""
+
+
 def _hub_dataset(path: str, name: str | None, split: str, data_files: dict | None = None):
     import datasets
 
     try:
         return datasets.load_dataset(path, name=name, split=split, data_files=data_files)
     except OSError as error:
-        raise RuntimeError(
+        raise HubUnavailable(
             f"could not load {path} from the Hugging Face hub ({error}); offline, pass a local "
             "copy as the source instead"
         ) from error
 
 
-def _hub_offline() -> bool:
-    import datasets
-
+def hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` or ``HF_DATASETS_OFFLINE`` is set to a true value."""
     flags = (os.environ.get(v, "") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    truthy = any(flag.upper() in ("1", "ON", "YES", "TRUE") for flag in flags)
-    return truthy or bool(datasets.config.HF_HUB_OFFLINE or datasets.config.HF_DATASETS_OFFLINE)
+    return any(flag.strip().upper() in ("1", "ON", "YES", "TRUE") for flag in flags)
 
 
 _NAMED_LOADERS: dict[str, Callable[[str | None], list[str]]] = {

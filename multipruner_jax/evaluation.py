@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
@@ -32,6 +32,17 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
+def resolve_model(path: str, weights: bool = True) -> str:
+    """The local folder of a model: one of our checkpoints (also a prune output folder, whose
+    ``checkpoint/`` it is; an incomplete one is refused), a local HF directory, or a Hub
+    snapshot (config and tokenizer only unless ``weights``)."""
+    path = checkpoint.locate(path)
+    if checkpoint.is_checkpoint(path):
+        checkpoint.load_spec(path)
+        return path
+    return model_source.resolve(path, weights=weights)
+
+
 def load_model(
     path: str, dtype: jnp.dtype = jnp.float32, sharding_for: ShardingFor | None = None
 ) -> CausalLM:
@@ -52,9 +63,7 @@ def evaluate_perplexity(
         mesh=mesh,
         token_chunk=token_chunk,
     )
-    ppl = scorer.perplexity(model)
-    jax.block_until_ready(ppl)
-    return ppl
+    return scorer.perplexity(model)
 
 
 def evaluate(
@@ -89,30 +98,21 @@ def evaluate(
         raise ValueError(f"--limit={limit}: expected 0 (all documents) or a positive count")
     data.check_source(dataset, evaluation=True)
     mesh = mesh_lib.make_mesh(mesh_shape)
-    if batch_size % mesh.shape["data"]:
-        raise ValueError(
-            f"--batch_size={batch_size} is not a multiple of the mesh's data axis "
-            f"{mesh.shape['data']}"
-        )
+    mesh_lib.check_batch_size("--batch_size", batch_size, mesh.shape["data"], zero=True)
     loaded = None
     if tasks:
-        from multipruner_jax import loglik
         from multipruner_jax import task_data as task_data_lib
 
-        loglik.check_batch_size(task_batch_size, mesh, "--task_batch_size")
+        mesh_lib.check_batch_size("--task_batch_size", task_batch_size, mesh.shape["data"])
         source = task_data_lib.check(tasks, task_data, num_fewshot)
+        resolve_model(path, weights=False)
         loaded = task_data_lib.load_tasks(tasks, source)
-    path = checkpoint.locate(path)
-    if checkpoint.is_checkpoint(path):
-        checkpoint.load_spec(path)  # refuses an incomplete checkpoint before any real work
-        local = path
-    else:
-        local = model_source.resolve(path)
+    local = resolve_model(path)
     tokenizer = load_tokenizer(local)
     tokens = data.evaluation_windows(dataset, tokenizer, seqlen=seqlen, cache_dir=cache_dir)
     if windows:
         tokens = tokens[:windows]
-    model = load_model(local, dtype, lambda p, s: mesh_lib.param_sharding(mesh, p, s))
+    model = load_model(local, dtype, functools.partial(mesh_lib.param_sharding, mesh))
     ppl = evaluate_perplexity(model, tokens, batch_size or mesh.shape["data"], mesh)
     result = {
         "model": path,

@@ -36,10 +36,10 @@ from multipruner_jax.mesh import ShardingFor
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # parameter and compute dtypes
 
 
-class CheckpointError(ValueError):
+class WeightsError(ValueError):
     """An HF directory whose weights cannot be read into the model its spec describes."""
 
 
@@ -95,7 +95,7 @@ def load_model(
         Tensors of blocks the spec removed are not read, so they may be absent from the files.
     """
     dtype = jnp.dtype(dtype)
-    if dtype not in SUPPORTED_DTYPES:
+    if dtype not in map(jnp.dtype, DTYPES.values()):
         raise ValueError(f"dtype {dtype} is not supported; expected float32 or bfloat16")
     spec = read_spec(path) if spec is None else spec
     files = _weight_files(path)
@@ -131,12 +131,12 @@ def _weight_files(path: str) -> dict[str, str]:
             with open(index) as f:
                 weight_map = json.load(f)["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+            raise WeightsError(f"{index}: not a valid safetensors index ({e!r})") from None
         return {name: os.path.join(path, file) for name, file in weight_map.items()}
     if os.path.isfile(single):
         with _open_all({"": single}) as handles:
             return {name: single for name in handles[single].keys()}
-    raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} found")
+    raise WeightsError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} found")
 
 
 @contextlib.contextmanager
@@ -148,7 +148,7 @@ def _open_all(files: dict[str, str]) -> Iterator[dict[str, object]]:
             try:
                 handles[file] = stack.enter_context(safe_open(file, framework="numpy"))
             except (OSError, SafetensorError) as e:
-                raise CheckpointError(f"{file}: cannot read safetensors file ({e})") from None
+                raise WeightsError(f"{file}: cannot read safetensors file ({e})") from None
         yield handles
 
 
@@ -156,14 +156,14 @@ def _check_headers(targets: list[_Target], files: dict[str, str], handles: dict)
     """Every target tensor exists with the shape the spec implies (headers only, no data)."""
     for t in targets:
         if t.hf_name not in files:
-            raise CheckpointError(f"tensor {t.hf_name} is missing from the checkpoint")
+            raise WeightsError(f"tensor {t.hf_name} is missing from the checkpoint")
         file = files[t.hf_name]
         try:
             shape = tuple(handles[file].get_slice(t.hf_name).get_shape())
         except SafetensorError as e:
-            raise CheckpointError(f"{file}: cannot read tensor {t.hf_name} ({e})") from None
+            raise WeightsError(f"{file}: cannot read tensor {t.hf_name} ({e})") from None
         if shape != t.hf_shape:
-            raise CheckpointError(
+            raise WeightsError(
                 f"tensor {t.hf_name} in {file} has shape {shape} but the config implies "
                 f"{t.hf_shape}"
             )

@@ -19,6 +19,7 @@ Scoring is ``loglik.ContinuationScorer``: batched, bucketed, jitted, sharded ove
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax.numpy as jnp
@@ -72,7 +73,7 @@ class JaxLM(TemplateLM):
     ) -> JaxLM:
         """Load an HF directory (dense or compact export) or our checkpoint onto a mesh."""
         mesh = mesh_lib.make_mesh(mesh_shape)
-        model = evaluation.load_model(path, dtype, lambda p, s: mesh_lib.param_sharding(mesh, p, s))
+        model = evaluation.load_model(path, dtype, functools.partial(mesh_lib.param_sharding, mesh))
         return cls(model, evaluation.load_tokenizer(path), mesh=mesh, **kwargs)
 
     # -- tokenisation (as HFLM) ---------------------------------------------------------------

@@ -23,7 +23,6 @@ Rows are sharded over the mesh's "data" axis.
 from __future__ import annotations
 
 import functools
-import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -36,6 +35,7 @@ from jax.sharding import Mesh
 from models.decoder import CausalLM
 from multipruner_jax import mesh as mesh_lib
 from multipruner_jax.inflight import InFlight
+from multipruner_jax.scoring import output_weight, target_nll
 
 GRANULE = 8
 
@@ -70,7 +70,7 @@ class ContinuationScorer:
         progress: Progress | None = None,
     ):
         self.mesh = mesh if mesh is not None else mesh_lib.make_mesh((1, 1))
-        check_batch_size(batch_size, self.mesh)
+        mesh_lib.check_batch_size("batch size", batch_size, self.mesh.shape["data"])
         if token_chunk <= 0:
             raise ValueError(f"token chunk {token_chunk}: expected a positive count")
         self.model = model
@@ -173,10 +173,7 @@ class ContinuationScorer:
         for layer in model.model.layers:
             graphdef, state = nnx.split(layer)
             layers.append((self._program("layer", _layer, graphdef), state))
-        if model.lm_head is None:
-            w_out, tied = model.model.embed_tokens.embedding[...], True
-        else:
-            w_out, tied = model.lm_head.kernel[...], False
+        w_out, tied = output_weight(model)
         graphdef, state = nnx.split(model.model.norm)
         head_fn = functools.partial(_head, tied=tied, token_chunk=self.token_chunk)
         head = (self._program("head", head_fn, graphdef), state, w_out)
@@ -206,16 +203,6 @@ class ContinuationScorer:
         return self._rope[t_size]
 
 
-def check_batch_size(batch_size: int, mesh: Mesh, name: str = "batch size") -> None:
-    """Rows per batch must be a positive multiple of the mesh's "data" axis."""
-    data = mesh.shape["data"]
-    if batch_size <= 0 or batch_size % data:
-        raise ValueError(
-            f"{name}={batch_size}: expected a positive multiple of the mesh's data axis "
-            f"({data} devices)"
-        )
-
-
 def _embed(graphdef, state, tokens):
     return nnx.merge(graphdef, state)(tokens)
 
@@ -243,27 +230,10 @@ def _head(
     ``valid: bool[B, C]`` name the scored positions, their target tokens and which are real.
     """
     b, c = positions.shape
-    d = h.shape[-1]
     picked = jnp.take_along_axis(h, positions[:, :, None], axis=1)  # [B, C, D]
     picked = nnx.merge(graphdef, state)(picked)
-    n = b * c
-    chunk = min(token_chunk, n)
-    chunks = math.ceil(n / chunk)
-    pad = chunks * chunk - n
-    hs = jnp.pad(picked.reshape(n, d), ((0, pad), (0, 0))).reshape(chunks, chunk, d)
-    ts = jnp.pad(targets.reshape(n), (0, pad)).reshape(chunks, chunk)
-    contract = 1 if tied else 0
-
-    def body(_, xs):
-        h_c, t_c = xs
-        logits = jax.lax.dot_general(
-            h_c, w_out, (((1,), (contract,)), ((), ())), preferred_element_type=jnp.float32
-        )
-        target = jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
-        logp = target - jax.nn.logsumexp(logits, axis=-1)
-        return None, (logp, jnp.argmax(logits, axis=-1) == t_c)
-
-    _, (logp, hit) = jax.lax.scan(body, None, (hs, ts))
-    logp = logp.reshape(-1)[:n].reshape(b, c)
-    hit = hit.reshape(-1)[:n].reshape(b, c)
+    nll, hit = target_nll(
+        picked.reshape(b * c, -1), targets.reshape(-1), w_out, tied, token_chunk, greedy=True
+    )
+    logp, hit = -nll.reshape(b, c), hit.reshape(b, c)
     return jnp.where(valid, logp, 0.0).sum(axis=1), jnp.all(hit | ~valid, axis=1)

@@ -113,13 +113,13 @@ class LoraLinear(nnx.Module):
 
 
 def _targets(model: CausalLM, targets: tuple[str, ...]):
-    """``(layer index, block, projection attribute, short name)`` of every targeted layer."""
-    for i, layer in enumerate(model.model.layers):
+    """``(block, projection attribute)`` of every targeted layer."""
+    for layer in model.model.layers:
         for name in targets:
             block_attr, proj_attr, _ = TARGETS[name]
             block = getattr(layer, block_attr)
             if block is not None:
-                yield i, block, proj_attr, name
+                yield block, proj_attr
 
 
 def add_adapters(model: CausalLM, config: LoraConfig, seed: int = 0) -> int:
@@ -130,7 +130,7 @@ def add_adapters(model: CausalLM, config: LoraConfig, seed: int = 0) -> int:
     """
     config.check()
     count = 0
-    for _, block, attr, _ in _targets(model, config.targets):
+    for block, attr in _targets(model, config.targets):
         base = getattr(block, attr)
         if isinstance(base, LoraLinear):
             raise ValueError("the model already has LoRA adapters")
@@ -174,7 +174,7 @@ def place_adapters(model: CausalLM, mesh: Mesh) -> None:
 def merge(model: CausalLM) -> CausalLM:
     """Fold every adapter into its base kernel (in float32, then cast to the kernel's dtype) and
     put the plain ``nnx.Linear`` back, in place; returns ``model`` with its original structure."""
-    for _, block, attr, _ in _targets(model, tuple(TARGETS)):
+    for block, attr in _targets(model, tuple(TARGETS)):
         layer = getattr(block, attr)
         if not isinstance(layer, LoraLinear):
             continue

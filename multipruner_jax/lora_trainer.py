@@ -28,6 +28,7 @@ from models.decoder import CausalLM
 from multipruner_jax import lora
 from multipruner_jax import mesh as mesh_lib
 from multipruner_jax.finetune_data import Batch
+from multipruner_jax.scoring import output_weight
 
 
 def masked_nll(
@@ -41,10 +42,8 @@ def masked_nll(
     nor one chunk per step of the scan are ever kept.
     """
     h = model.hidden_states(tokens)[:, :-1]
-    if model.lm_head is None:
-        w_out, contract = model.model.embed_tokens.embedding[...], 1
-    else:
-        w_out, contract = model.lm_head.kernel[...], 0
+    w_out, tied = output_weight(model)
+    contract = 1 if tied else 0
     targets, w = tokens[:, 1:], weights[:, 1:]
     b, n, d = h.shape
     chunk = min(token_chunk, n)

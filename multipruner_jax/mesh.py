@@ -44,9 +44,10 @@ _MODEL_AXIS = {
 }
 
 
-def parse_mesh_shape(text: str) -> tuple[int, int, int] | None:
+def parse_mesh_shape(text: str, candidates: bool = True) -> tuple[int, int, int] | None:
     """``"4,2"`` -> ``(1, 4, 2)``; ``"2,4,1"`` -> ``(2, 4, 1)`` (candidate, data, model);
-    ``""`` -> ``None`` (all devices on "data")."""
+    ``""`` -> ``None`` (all devices on "data"). Without ``candidates`` (jobs that score one
+    model at a time) a candidate axis above 1 is refused."""
     if not text:
         return None
     parts = text.split(",")
@@ -55,11 +56,27 @@ def parse_mesh_shape(text: str) -> tuple[int, int, int] | None:
             f"--mesh_shape={text!r}: expected two or three positive integers 'data,model' or "
             "'candidate,data,model'"
         )
-    return _full_shape(tuple(int(p) for p in parts))
+    shape = _full_shape(tuple(int(p) for p in parts))
+    if shape[0] > 1 and not candidates:
+        raise ValueError(
+            f"--mesh_shape={text!r}: only the search has a candidate axis; expected 'data,model'"
+        )
+    return shape
 
 
 def _full_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
     return (1, *shape) if len(shape) == 2 else tuple(shape)
+
+
+def check_batch_size(flag: str, batch_size: int, data_axis: int, *, zero: bool = False) -> None:
+    """``batch_size`` rows must split evenly over a data axis of ``data_axis`` devices; with
+    ``zero``, 0 is also accepted (it means one row per device)."""
+    if batch_size < 0 or (batch_size == 0 and not zero) or batch_size % data_axis:
+        either = "0 (one row per device) or " if zero else ""
+        raise ValueError(
+            f"{flag}={batch_size}: expected {either}a positive multiple of the mesh's data axis "
+            f"({data_axis} devices)"
+        )
 
 
 def make_mesh(shape: tuple[int, ...] | None = None) -> Mesh:
@@ -127,6 +144,13 @@ def initialize_distributed(
     ``timeout_s`` seconds when another process never arrives or stops answering (JAX ends the
     process with "the JAX distributed service detected fatal errors").
     """
+    if timeout_s <= 0:
+        raise ValueError(f"--coordinator_timeout={timeout_s}: expected a positive count of seconds")
+    if num_processes is not None and num_processes < 1:
+        raise ValueError(f"--num_processes={num_processes}: expected a positive count")
+    if process_id is not None and not 0 <= process_id < (num_processes or process_id + 1):
+        expected = f"0 to {num_processes - 1}" if num_processes else "at least 0"
+        raise ValueError(f"--process_id={process_id}: expected {expected}")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if coordinator_address and process_id:
         _wait_for_coordinator(coordinator_address, timeout_s)
@@ -141,6 +165,11 @@ def initialize_distributed(
         )
     except (ValueError, RuntimeError) as e:
         reason = " ".join(str(e).split()) or type(e).__name__
+        if coordinator_address:
+            raise ValueError(
+                f"--distributed: could not join the run at {coordinator_address} as process "
+                f"{process_id} of {num_processes} ({reason})"
+            ) from None
         raise ValueError(
             "--distributed: no coordinator was given or detected; pass "
             "--coordinator_address=host:port, --num_processes and --process_id, or run on a "

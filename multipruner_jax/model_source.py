@@ -8,6 +8,12 @@ _CONFIG_FILES = ["*.json", "tokenizer*", "*.model", "*.txt"]
 _WEIGHT_FILES = ["*.safetensors"]
 
 
+def canonical(source: str) -> str:
+    """``source`` made absolute (links resolved) when it exists locally, else unchanged (a Hub id
+    or dataset name): how a resumed run compares the paths it was given."""
+    return os.path.realpath(source) if os.path.exists(source) else source
+
+
 def resolve(path: str, *, weights: bool = True) -> str:
     """A local directory for ``path``: the directory itself, or a Hub snapshot of repo id ``path``
     (configs and tokenizer only unless ``weights``; a later call with weights adds them).

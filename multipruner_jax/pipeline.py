@@ -2,7 +2,7 @@
 
 Output directory layout (``output_path``):
 
-* ``flags.txt``: the effective flags (written by the script);
+* ``flags.txt``: the effective flags the script passes in, written with the first output;
 * ``search_state.json``: accepted steps and the settings they belong to, rewritten atomically
   after every step (``--resume`` replays it);
 * ``pruned_model_configs/config.{block|mlp_width|attn_head}.{step}.json``: the config after each
@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -45,7 +44,7 @@ from multipruner_jax.evaluation import evaluate_perplexity, load_tokenizer
 from multipruner_jax.progress import ConsoleProgress, summary_table
 from multipruner_jax.scoring import MODES, Scorer, prefix_cache_bytes
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = hf_io.DTYPES
 STATE_FILE = "search_state.json"
 
 
@@ -102,7 +101,7 @@ def search_identity(options: dict[str, Any]) -> dict[str, Any]:
     for key in IDENTITY_KEYS:
         value = options.get(key)
         if key in ("model_path", "calibration_dataset") and isinstance(value, str):
-            value = os.path.realpath(value) if os.path.exists(value) else value
+            value = model_source.canonical(value)
         elif key == "pruning_distribution" and isinstance(value, str):
             value = list(search.parse_distribution(value))
         elif key == "target_ratio" and isinstance(value, int | float):
@@ -142,8 +141,6 @@ def check_options(opts: PruneOptions) -> Plan:
             raise ValueError(f"--{name}={getattr(opts, name)}: expected a positive count")
     if opts.eval_windows < -1:
         raise ValueError(f"--eval_windows={opts.eval_windows}: expected -1 (all), 0 or a count")
-    if opts.batch_size < 0:
-        raise ValueError(f"--batch_size={opts.batch_size}: expected >= 0 (0 = one row per device)")
     mesh_shape = mesh_lib.parse_mesh_shape(opts.mesh_shape)
     devices = jax.device_count()
     if mesh_shape and math.prod(mesh_shape) > devices:
@@ -152,10 +149,7 @@ def check_options(opts: PruneOptions) -> Plan:
             f"{devices} are available"
         )
     candidate_axis, data_axis, _ = mesh_shape or (1, devices, 1)
-    if opts.batch_size % data_axis:
-        raise ValueError(
-            f"--batch_size={opts.batch_size} is not a multiple of the mesh's data axis {data_axis}"
-        )
+    mesh_lib.check_batch_size("--batch_size", opts.batch_size, data_axis, zero=True)
     if candidate_axis > 1 and opts.scoring_mode != "layer":
         raise ValueError(
             f"--mesh_shape={opts.mesh_shape} has a candidate axis, which needs --scoring_mode=layer"
@@ -167,6 +161,11 @@ def check_options(opts: PruneOptions) -> Plan:
         export.check_output(
             opts.export_hf, opts.export_overwrite, "--export_hf", "--export_overwrite"
         )
+        _check_export_path(opts.export_hf, opts.output_path)
+        if jax.process_count() > 1:
+            raise ValueError("--export_hf runs in one process; export the checkpoint afterwards")
+    if jax.process_count() > 1 and opts.scoring_mode != "layer":
+        raise ValueError(f"--scoring_mode={opts.scoring_mode} runs in one process; use layer")
     if opts.eval_windows:
         data.check_source(opts.eval_dataset, evaluation=True)
     dense = hf_io.read_dense_spec(model_source.resolve(opts.model_path, weights=False))
@@ -214,6 +213,17 @@ def _check_output_path(path: str) -> None:
             f"--output_path={path}: cannot write in {existing} ({error.strerror})"
         ) from None
     probe.cleanup()
+
+
+def _check_export_path(export_hf: str, output_path: str) -> None:
+    """The export may live inside ``--output_path`` but must not replace it or its checkpoint."""
+    out = os.path.realpath(output_path)
+    target = os.path.realpath(export_hf)
+    if target in (out, os.path.join(out, checkpoint.DIR)) or out.startswith(target + os.sep):
+        raise ValueError(
+            f"--export_hf={export_hf} would replace --output_path={output_path} or its "
+            "checkpoint; choose a folder of its own (inside the output path is fine)"
+        )
 
 
 def _saved_state(opts: PruneOptions, dense: ModelSpec, settings: search.Settings):
@@ -269,7 +279,7 @@ class _Outputs:
     def search_config(self, state: search.SearchState) -> dict[str, Any]:
         attn, mlp = search.removal_orders(state)
         return pruning_config.from_spec(
-            state.spec(self.plan.dense, self.plan.settings),
+            search.replay(state, self.plan.dense, self.plan.settings),
             attn_order=attn,
             mlp_order=mlp,
             weight_reorder=self.plan.opts.weight_reorder,
@@ -357,7 +367,7 @@ def run(opts: PruneOptions, flags_text: str | None = None) -> dict[str, Any]:
     plan = check_options(opts)
     t0 = time.perf_counter()
     ckpt = os.path.join(opts.output_path, checkpoint.DIR)
-    if jax.process_index() == 0:  # other processes may already be writing in a multi-process run
+    if jax.process_index() == 0:  # free a killed run's half-written checkpoint before the search
         for stale in atomic.stale_siblings(ckpt):
             shutil.rmtree(stale, ignore_errors=True)
     model_dir = model_source.resolve(opts.model_path)

@@ -9,7 +9,8 @@ from typing import TextIO
 from multipruner_jax.search import Progress, Shortfall, Stage, Step
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
+    """``h:mm:ss``."""
     seconds = int(round(seconds))
     return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
@@ -39,7 +40,7 @@ class ConsoleProgress(Progress):
             return
         line = (
             f"[{stage}] step {step}: candidates {done}/{total}, best ppl {best:.4f}, "
-            f"ratio {ratio:.2f}%, step ETA {_clock(eta)}, search ETA ~{_clock(search_eta)}"
+            f"ratio {ratio:.2f}%, step ETA {clock(eta)}, search ETA ~{clock(search_eta)}"
         )
         now = time.monotonic()
         if self.live:
@@ -58,7 +59,7 @@ class ConsoleProgress(Progress):
             f"[{record.stage}] step {record.step}: removed {record.candidate.describe()} "
             f"-> ppl {record.ppl:.4f}, ratio {record.ratio:.2f}% (target {record.target:.2f}%), "
             f"{record.candidates} candidates in {record.seconds:.1f}s, {record.compiles} compiles"
-            f", search ETA ~{_clock(search_eta)}",
+            f", search ETA ~{clock(search_eta)}",
             file=self.stream,
             flush=True,
         )

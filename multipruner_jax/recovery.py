@@ -32,6 +32,7 @@ process. Every file is written under a temporary name and renamed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -40,15 +41,15 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from multipruner_jax import atomic, checkpoint, evaluation, finetune_data, lora, model_source
+from multipruner_jax import atomic, checkpoint, evaluation, finetune_data, hf_io, lora, model_source
 from multipruner_jax import mesh as mesh_lib
 from multipruner_jax.lora_trainer import Trainer, make_optimizer, make_schedule
+from multipruner_jax.progress import clock
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = hf_io.DTYPES
 SCHEDULES = ("linear", "cosine")
 RUN_FILE = "run.json"
 LOG_FILE = "log.json"
@@ -103,19 +104,15 @@ class FinetuneOptions:
             "epochs learning_rate warmup_steps schedule weight_decay max_grad_norm lora_rank "
             "lora_alpha lora_dropout lora_targets dtype token_chunk seed"
         ).split()
-        return {k: getattr(self, k) for k in keys}
-
-
-def _local_model(path: str, weights: bool = True) -> str:
-    """Our checkpoint (also inside a prune output folder), a local HF directory, or a Hub
-    snapshot (without weights when only checking)."""
-    path = checkpoint.locate(path)
-    return path if checkpoint.is_checkpoint(path) else model_source.resolve(path, weights=weights)
+        identity = {k: getattr(self, k) for k in keys}
+        for key in ("model_path", "data"):
+            identity[key] = model_source.canonical(identity[key])
+        return identity
 
 
 def check_options(opts: FinetuneOptions) -> None:
     """Validate everything that needs no weights or tokenization; one error sentence each."""
-    positive = ("max_len", "buckets", "micro_batch_size", "grad_accum", "token_chunk")
+    positive = ("buckets", "micro_batch_size", "grad_accum", "token_chunk")
     for name in positive:
         if getattr(opts, name) < 1:
             raise ValueError(f"--{name}={getattr(opts, name)}: expected a positive integer")
@@ -144,13 +141,11 @@ def check_options(opts: FinetuneOptions) -> None:
                 f"--{name}={getattr(opts, name)!r}: expected one of {', '.join(DTYPES)}"
             )
     opts.lora_config().check()
-    data_axis = (mesh_lib.parse_mesh_shape(opts.mesh_shape) or (1, jax.device_count(), 1))[1]
-    if opts.micro_batch_size % data_axis:
-        raise ValueError(
-            f"--micro_batch_size={opts.micro_batch_size} is not a multiple of the mesh's data "
-            f"axis {data_axis}"
-        )
-    local = _local_model(opts.model_path, weights=False)
+    data_axis = (
+        mesh_lib.parse_mesh_shape(opts.mesh_shape, candidates=False) or (1, jax.device_count(), 1)
+    )[1]
+    mesh_lib.check_batch_size("--micro_batch_size", opts.micro_batch_size, data_axis)
+    local = evaluation.resolve_model(opts.model_path, weights=False)
     if not checkpoint.is_checkpoint(local) and not os.path.isfile(
         os.path.join(local, "config.json")
     ):
@@ -217,11 +212,6 @@ def _load_data(opts: FinetuneOptions, tokenizer) -> _Data:
         dropped=len(examples) - len(train) - len(heldout),
         total_steps=total,
     )
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 class _Run:
@@ -333,10 +323,8 @@ def finetune(opts: FinetuneOptions, flags_text: str | None = None) -> dict[str, 
     """Run (or resume) the fine-tuning job; returns a summary (steps, first and best held-out
     loss, the best update, compilations and, with ``--merge``, the merged checkpoint)."""
     check_options(opts)
-    if flags_text is not None and jax.process_index() == 0:
-        atomic.write_text(os.path.join(opts.output_path, "flags.txt"), flags_text)
-    mesh = mesh_lib.make_mesh(mesh_lib.parse_mesh_shape(opts.mesh_shape))
-    local = _local_model(opts.model_path)
+    mesh = mesh_lib.make_mesh(mesh_lib.parse_mesh_shape(opts.mesh_shape, candidates=False))
+    local = evaluation.resolve_model(opts.model_path)
     tokenizer = evaluation.load_tokenizer(local)
     data = _load_data(opts, tokenizer)
     run = _Run(opts)
@@ -349,7 +337,7 @@ def finetune(opts: FinetuneOptions, flags_text: str | None = None) -> dict[str, 
     schedule = make_schedule(opts.learning_rate, data.total_steps, opts.warmup_steps, opts.schedule)
     optimizer = make_optimizer(schedule, opts.weight_decay, opts.max_grad_norm)
     model = evaluation.load_model(
-        local, DTYPES[opts.dtype], lambda p, s: mesh_lib.param_sharding(mesh, p, s)
+        local, DTYPES[opts.dtype], functools.partial(mesh_lib.param_sharding, mesh)
     )
     adapters = lora.add_adapters(model, opts.lora_config(), opts.seed)
     trainer = Trainer(model, optimizer, mesh, seed=opts.seed, token_chunk=opts.token_chunk)
@@ -358,6 +346,8 @@ def finetune(opts: FinetuneOptions, flags_text: str | None = None) -> dict[str, 
 
     try:
         start = run.restore(trainer) if opts.resume else 0
+        if flags_text is not None and run.main:  # once the run is accepted
+            atomic.write_text(os.path.join(run.path, "flags.txt"), flags_text)
         if not opts.resume and run.main:
             atomic.write_json(
                 os.path.join(run.path, RUN_FILE),
@@ -421,8 +411,8 @@ def _train(
             eta = (now - t0) / (done - start) * (total - done)
             run.say(
                 f"step {done}/{total}: loss {result.loss:.4f}, lr {lr:.2e}, "
-                f"{window_tokens / window_seconds:,.0f} tokens/s, elapsed {_clock(now - t0)}, "
-                f"ETA {_clock(eta)}"
+                f"{window_tokens / window_seconds:,.0f} tokens/s, elapsed {clock(now - t0)}, "
+                f"ETA {clock(eta)}"
             )
             window_tokens, window_seconds = 0, 0.0
             run.write_log()
@@ -450,7 +440,7 @@ def merge(opts: FinetuneOptions) -> str:
         raise FileNotFoundError(f"{path}: no adapters to merge (no {BEST_DIR}/ or checkpoints)")
     folder, manager = source
     step = manager.latest_step()
-    local = _local_model(opts.model_path)
+    local = evaluation.resolve_model(opts.model_path)
     model = evaluation.load_model(local, DTYPES[opts.merge_dtype])
     lora.add_adapters(model, opts.lora_config(), opts.seed)
     target = jax.tree.map(

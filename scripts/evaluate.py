@@ -46,7 +46,7 @@ def main() -> None:
         seqlen=FLAGS.seqlen,
         windows=FLAGS.windows,
         dtype=pipeline.DTYPES[FLAGS.dtype],
-        mesh_shape=mesh.parse_mesh_shape(FLAGS.mesh_shape),
+        mesh_shape=mesh.parse_mesh_shape(FLAGS.mesh_shape, candidates=False),
         batch_size=FLAGS.batch_size,
         cache_dir=FLAGS.cache_dir,
         tasks=task_data.parse_tasks(FLAGS.tasks),

@@ -5,8 +5,6 @@ and with ``--merge`` folds the best adapters into a checkpoint that ``scripts/ev
 ``scripts/export_hf.py`` read. See ``multipruner_jax/recovery.py`` for the output layout.
 """
 
-import sys
-
 from absl import flags
 
 from multipruner_jax import cli, mesh, recovery
@@ -54,11 +52,8 @@ FLAGS = flags.FLAGS
 def main() -> None:
     if FLAGS.distributed:
         mesh.initialize_distributed()
-    names = [f.name for f in FLAGS.get_key_flags_for_module(sys.modules[__name__])]
-    fields = recovery.FinetuneOptions.__dataclass_fields__
-    opts = recovery.FinetuneOptions(**{n: FLAGS[n].value for n in names if n in fields})
-    flag_lines = [FLAGS[n].serialize() for n in names if FLAGS[n].value is not None]
-    summary = recovery.finetune(opts, flags_text="\n".join(flag_lines) + "\n")
+    opts, flags_text = cli.options_from_flags(recovery.FinetuneOptions, __name__)
+    summary = recovery.finetune(opts, flags_text=flags_text)
     if not opts.quiet:
         print(
             f"fine-tuned {summary['steps']} updates: held-out loss {summary['initial_eval_loss']}"

@@ -1,7 +1,5 @@
 """Prune a decoder LLM with MultiPruner: ``python scripts/prune.py --flagfile=configs/X.flags``."""
 
-import sys
-
 from absl import flags
 
 from multipruner_jax import cli, export, mesh, pipeline, scoring
@@ -85,13 +83,9 @@ def main() -> None:
             FLAGS.process_id,
             FLAGS.coordinator_timeout,
         )
-    names = [f.name for f in FLAGS.get_key_flags_for_module(sys.modules[__name__])]
-    opts = pipeline.PruneOptions(
-        **{n: FLAGS[n].value for n in names if n in pipeline.PruneOptions.__dataclass_fields__}
-    )
-    flag_lines = [FLAGS[n].serialize() for n in names if FLAGS[n].value is not None]
+    opts, flags_text = cli.options_from_flags(pipeline.PruneOptions, __name__)
     with mesh.leave_on_error():
-        pipeline.run(opts, flags_text="\n".join(flag_lines) + "\n")
+        pipeline.run(opts, flags_text=flags_text)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,9 @@ def test_every_candidate_mesh_takes_the_exhaustive_decisions(shape):
 
 def _spec_after(state: search.SearchState, steps: int):
     settings = search.Settings(20.0, (0.3, 0.7, 0.0), 32, 32)
-    return search.SearchState(state.steps[:steps]).spec(tiny_models.spec(FAMILY), settings)
+    return search.replay(
+        search.SearchState(state.steps[:steps]), tiny_models.spec(FAMILY), settings
+    )
 
 
 @pytest.mark.parametrize("shape", [(4, 2, 1), (2, 1, 1)])

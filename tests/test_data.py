@@ -160,6 +160,10 @@ def test_source_errors(tmp_path, numbered_txt, tokenizer):
         data.calibration_windows(str(numbered_txt), tokenizer, num_width=3, num_block=100)
     with pytest.raises(ValueError, match="expected 'wikitext2' or a local path"):
         data.evaluation_windows("alpaca", tokenizer)
+    # conftest switches the hub off: a hub source is refused before anything loads
+    with pytest.raises(ValueError, match="'c4' comes from the Hugging Face hub, which is switched"):
+        data.check_source("c4")
+    data.check_source("wikitext2")  # the local copy in ../shared serves offline
 
 
 def test_cache_hit_returns_identical_arrays(tmp_path, numbered_txt, tokenizer, monkeypatch):

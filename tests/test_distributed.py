@@ -11,9 +11,11 @@ import subprocess
 import sys
 import time
 
+import jax
+import pytest
 import tiny_models
 
-from multipruner_jax import checkpoint, pipeline
+from multipruner_jax import checkpoint, mesh, pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESH = "2,2,2"  # a candidate group per process, rows and heads split inside each
@@ -118,3 +120,32 @@ def test_an_unreachable_coordinator_is_one_sentence(tiny_model_dir, tmp_path):
         .startswith("error: --distributed: the coordinator at localhost:")
     )
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (dict(num_processes=2, process_id=2), r"--process_id=2: expected 0 to 1"),
+        (dict(num_processes=0, process_id=0), r"--num_processes=0: expected a positive count"),
+        (dict(num_processes=2, process_id=0, timeout_s=0), r"--coordinator_timeout=0"),
+    ],
+)
+def test_bad_distributed_flags_are_refused_before_joining(args, message):
+    with pytest.raises(ValueError, match=message):
+        mesh.initialize_distributed("localhost:1", **args)
+    assert not jax.distributed.is_initialized()
+
+
+def test_single_process_features_are_refused_in_a_multi_process_run(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    export = dict(export_hf=str(tmp_path / "hf"))
+    model_mode = dict(scoring_mode="model", mesh_shape="1,4,2")
+    for change, message in (
+        (export, "--export_hf runs in one process"),
+        (model_mode, "--scoring_mode=model runs in one process"),
+    ):
+        options = dataclasses.replace(_options(tiny_model_dir, str(tmp_path / "out")), **change)
+        with pytest.raises(ValueError, match=message):
+            pipeline.check_options(options)

@@ -278,7 +278,7 @@ def test_pruned_spec_skips_removed_block(tmp_path):
     np.testing.assert_allclose(
         _our_logits(model, tokens), _hf_logits(hf, tokens), rtol=0, atol=FP32_TOL
     )
-    with pytest.raises(hf_io.CheckpointError, match=re.escape(removed[0])):
+    with pytest.raises(hf_io.WeightsError, match=re.escape(removed[0])):
         hf_io.load_model(path)
 
 
@@ -318,7 +318,7 @@ def test_missing_config_json(tmp_path):
 def test_no_safetensors_files(tmp_path):
     hf = _hf_model("llama_mha")
     hf.config.save_pretrained(tmp_path)
-    with pytest.raises(hf_io.CheckpointError, match=r"no model\.safetensors or .*index\.json"):
+    with pytest.raises(hf_io.WeightsError, match=r"no model\.safetensors or .*index\.json"):
         hf_io.load_model(str(tmp_path))
 
 
@@ -329,7 +329,7 @@ def test_missing_tensor_is_named(tmp_path):
     del tensors["model.layers.1.self_attn.k_proj.weight"]
     save_file(tensors, file)
     with pytest.raises(
-        hf_io.CheckpointError, match=r"model\.layers\.1\.self_attn\.k_proj\.weight is missing"
+        hf_io.WeightsError, match=r"model\.layers\.1\.self_attn\.k_proj\.weight is missing"
     ):
         hf_io.load_model(path)
 
@@ -343,7 +343,7 @@ def test_shape_mismatch_names_tensor_and_both_shapes(tmp_path):
     with open(config_file, "w") as f:
         json.dump(config, f)
     expected = r"model\.layers\.0\.mlp\.down_proj\.weight .* shape \(64, 96\) .* implies \(64, 80\)"
-    with pytest.raises(hf_io.CheckpointError, match=expected):
+    with pytest.raises(hf_io.WeightsError, match=expected):
         hf_io.load_model(path)
 
 
@@ -352,7 +352,7 @@ def test_corrupt_file_is_named(tmp_path):
     victim = _shard_files(path)[-1]
     with open(victim, "r+b") as f:
         f.truncate(os.path.getsize(victim) // 2)
-    with pytest.raises(hf_io.CheckpointError, match=re.escape(victim)):
+    with pytest.raises(hf_io.WeightsError, match=re.escape(victim)):
         hf_io.load_model(path)
 
 
@@ -360,7 +360,7 @@ def test_missing_shard_file_is_named(tmp_path):
     path = _save(_hf_model("llama_mha"), tmp_path, max_shard_size="60KB")
     victim = _shard_files(path)[0]
     os.remove(victim)
-    with pytest.raises(hf_io.CheckpointError, match=re.escape(victim)):
+    with pytest.raises(hf_io.WeightsError, match=re.escape(victim)):
         hf_io.load_model(path)
 
 

@@ -143,7 +143,7 @@ def test_resume_with_other_options_is_refused(searched, tiny_model_dir):
         (dict(num_calibration_samples_block=0), "num_calibration_samples_block"),
         (dict(dtype="float16"), "dtype"),
         (dict(mesh_shape="2"), "mesh_shape"),
-        (dict(mesh_shape="4,2"), "batch_size=2 is not a multiple"),
+        (dict(mesh_shape="4,2"), "batch_size=2: expected 0 .* multiple of the mesh.s data axis .4"),
     ],
 )
 def test_bad_options_fail_before_loading(tiny_model_dir, tmp_path, change, message):

@@ -78,6 +78,8 @@ def test_every_mesh_form_finishes_with_the_same_decisions(tiny_model_dir, tmp_pa
 
 
 ZERO_SHOT = """
+import functools
+
 import numpy as np
 import tiny_models
 from models import decoder
@@ -86,7 +88,7 @@ from multipruner_jax.loglik import ContinuationScorer
 
 mesh = mesh_lib.make_mesh((1, 2))
 spec = tiny_models.spec("llama_gqa", num_hidden_layers=40)  # 42 programs per batch
-model = surgery.shrink(decoder.build(spec), spec, lambda p, s: mesh_lib.param_sharding(mesh, p, s))
+model = surgery.shrink(decoder.build(spec), spec, functools.partial(mesh_lib.param_sharding, mesh))
 rng = np.random.default_rng(0)
 tokens = [rng.integers(0, 97, 12).tolist() for _ in range(40)]
 scorer = ContinuationScorer(model, mesh=mesh, batch_size=2)

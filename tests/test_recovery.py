@@ -444,8 +444,12 @@ def _orbax_bytes(run, step):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(micro_batch_size=3), "--micro_batch_size=3 is not a multiple of the mesh's data"),
+        (
+            dict(micro_batch_size=3),
+            "--micro_batch_size=3: expected a positive multiple of the mesh's data",
+        ),
         (dict(warmup_steps=6), "--warmup_steps=6: expected fewer than --max_steps=6"),
+        (dict(mesh_shape="2,4,1"), "only the search has a candidate axis"),
         (dict(lora_targets="q,qkv"), "--lora_targets=q,qkv"),
         (dict(schedule="step"), "--schedule='step'"),
         (dict(resume=True), "nothing to resume"),
@@ -457,3 +461,13 @@ def test_bad_options_fail_before_loading(pruned_checkpoint, tmp_path, change, me
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         recovery.check_options(_opts(pruned_checkpoint, tmp_path / "out", **change))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_resumed_run_compares_paths_resolved(pruned_checkpoint, tmp_path, monkeypatch):
+    opts = _opts(pruned_checkpoint, tmp_path / "out")
+    monkeypatch.chdir(os.path.dirname(opts.model_path))
+    relative = dataclasses.replace(
+        opts, model_path=os.path.basename(opts.model_path), data=os.path.relpath(opts.data)
+    )
+    assert relative.identity() == opts.identity()
+    assert dataclasses.replace(opts, data="other.jsonl").identity() != opts.identity()

@@ -252,6 +252,9 @@ def test_a_damaged_search_state_is_one_sentence(
         (dict(eval_windows=2, eval_dataset="ptb"), "evaluation source 'ptb'"),
         (dict(model_path="models/no_such_model"), "does not exist"),
         (dict(export_hf="EXISTING"), "--export_hf=.* exists and is not empty"),
+        (dict(export_hf="OUT", export_overwrite=True), "would replace --output_path"),
+        (dict(export_hf="OUT/checkpoint", export_overwrite=True), "would replace --output_path"),
+        (dict(export_hf="PARENT", export_overwrite=True), "would replace --output_path"),
     ],
 )
 def test_bad_options_are_one_sentence_before_loading(
@@ -262,6 +265,9 @@ def test_bad_options_are_one_sentence_before_loading(
         (tmp_path / "hf").mkdir()
         (tmp_path / "hf" / "x").write_text("x")
         change = dict(export_hf=str(tmp_path / "hf"))
+    for name, path in (("OUT", tmp_path / "out"), ("PARENT", tmp_path)):
+        if change.get("export_hf", "").startswith(name):
+            change = dict(change, export_hf=change["export_hf"].replace(name, str(path), 1))
     with pytest.raises((ValueError, OSError), match=message):
         pipeline.check_options(_opts(tiny_model_dir, tmp_path / "out", **change))
     assert not (tmp_path / "out").exists()

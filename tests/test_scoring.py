@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,11 +113,11 @@ def test_prefix_cache_scores_equal_full_scores():
     ones = masks_lib.ones(model.spec)
     for layer in range(model.spec.num_layers):
         masks = masks_lib.with_width(ones, "channels", layer, 40)
-        cached = scorer.perplexity(model, masks, cache.start_at(layer))
+        cached = scorer.perplexity(model, masks, cache, layer)
         assert cached == scorer.perplexity(model, masks)
     other = tiny_models.model("qwen3")
     with pytest.raises(ValueError, match="another model"):
-        scorer.perplexity(other, ones, cache.start_at(1))
+        scorer.perplexity(other, ones, cache, 1)
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (8, 1), (4, 2), (2, 4)])
@@ -124,7 +126,7 @@ def test_meshes_agree(shape):
     tokens = tiny_models.tokens(8, 16)
     reference = Scorer(tokens, ignore_id=IGNORE, batch_size=8).perplexity(model)
     mesh = mesh_lib.make_mesh(shape)
-    sharded = surgery.shrink(model, model.spec, lambda p, s: mesh_lib.param_sharding(mesh, p, s))
+    sharded = surgery.shrink(model, model.spec, functools.partial(mesh_lib.param_sharding, mesh))
     kernel = sharded.model.layers[0].mlp.gate_proj.kernel[...]
     assert kernel.sharding.spec == (
         jax.sharding.PartitionSpec(None, "model") if shape[1] > 1 else jax.sharding.PartitionSpec()

@@ -53,14 +53,16 @@ def test_search_reaches_each_stage_target_deterministically(family):
     search.check_targets(tiny_models.spec(family), settings)  # reachable, so not refused
     dense, pruned, state, _ = _run(family, settings)
     assert pruned_ratio(pruned.spec, dense) >= settings.target_ratio
-    assert pruned.spec == state.spec(dense, settings)
+    assert pruned.spec == search.replay(state, dense, settings)
     targets = dict(zip(search.STAGES, settings.stage_targets(), strict=True))
     for stage in search.STAGES:
         steps = [s for s in state.steps if s.stage == stage]
         if steps:  # a stage stops at its target (or when out of candidates), one step past it
             before_last = steps[-2].ratio if len(steps) > 1 else -1.0
             assert before_last < targets[stage]
-            after = search.SearchState(state.steps[: steps[-1].step + 1]).spec(dense, settings)
+            after = search.replay(
+                search.SearchState(state.steps[: steps[-1].step + 1]), dense, settings
+            )
             assert targets[stage] <= steps[-1].ratio or not search.candidates(
                 stage, after, settings
             )
@@ -91,7 +93,7 @@ def test_compiles_are_bounded_by_layer_shapes_not_candidates():
     dense, _, state, scorers = _run("llama_gqa", settings)
     seen = set()
     for k, step in enumerate(state.steps):
-        before = search.SearchState(state.steps[:k]).spec(dense, settings)
+        before = search.replay(search.SearchState(state.steps[:k]), dense, settings)
         # embed + head + at most one program per layer shape of the scored model
         assert step.compiles <= len(set(before.layers)) + 2, step
         seen |= set(before.layers)
@@ -206,3 +208,16 @@ def test_remaining_seconds_counts_the_candidates_left():
     steps = -(-30.0 // one_group)
     assert search.remaining_seconds(dense, dense, settings, cost) == steps * 4 * 2.0
     assert search.remaining_seconds(dense, dense, settings, {**cost, "mlp_width": 0.0}) == 0.0
+
+
+def test_remaining_seconds_counts_later_stages_during_the_block_stage():
+    """Midway through stage 1 the estimate still includes stage 2 (it once came out 0 because
+    the removal sizes were taken relative to the block target instead of today's ratio)."""
+    dense = tiny_models.spec("llama_gqa")
+    settings = _settings("llama_gqa", target_ratio=40.0, distribution=(0.5, 0.5, 0.0))
+    block_only = {"block": 1.0, "mlp_width": 0.0, "attn_head": 0.0}
+    width_only = {"block": 0.0, "mlp_width": 1.0, "attn_head": 0.0}
+    spec = search.remove(dense, search.Candidate("block", "attn", 1), settings)
+    assert 0 < pruned_ratio(spec, dense) < settings.stage_targets()[0]
+    assert search.remaining_seconds(spec, dense, settings, block_only) > 0
+    assert search.remaining_seconds(spec, dense, settings, width_only) > 0

@@ -176,7 +176,7 @@ def test_checkpoint_exports_and_meshes_agree(pruned):
         np.testing.assert_allclose(other, results[0], rtol=1e-5, atol=1e-4)
 
 
-def test_bad_requests_fail_before_the_model_loads(tmp_path):
+def test_bad_requests_fail_before_the_model_loads(tmp_path, monkeypatch):
     missing = str(tmp_path / "no_model")
     with pytest.raises(ValueError, match="--task_batch_size=3"):
         evaluation.evaluate(missing, mesh_shape=(2, 1), tasks=("piqa",), task_batch_size=3)
@@ -184,6 +184,13 @@ def test_bad_requests_fail_before_the_model_loads(tmp_path):
         evaluation.evaluate(missing, tasks=("piqa",), num_fewshot=5, task_data="local")
     with pytest.raises(ValueError, match="--limit=-1"):
         evaluation.evaluate(missing, tasks=("piqa",), limit=-1)
+
+    def load_tasks(*_):
+        raise AssertionError("the tasks were built before the model path was checked")
+
+    monkeypatch.setattr(task_data, "load_tasks", load_tasks)
+    with pytest.raises(FileNotFoundError, match="no_model"):
+        evaluation.evaluate(missing, tasks=("piqa",), task_data="local")
 
 
 def test_generate_until_is_refused_naming_the_task(pruned):
