@@ -48,7 +48,9 @@ def main(argv: list[str]) -> None:
     task.build_all_requests(limit=_DOCS.value, rank=0, world_size=1)
     requests = task.instances
     ours = JaxLM.from_path(
-        model_dir, mesh_shape=mesh.parse_mesh_shape(_MESH.value), batch_size=_BATCH.value
+        model_dir,
+        mesh_shape=mesh.parse_mesh_shape(_MESH.value, candidates=False),
+        batch_size=_BATCH.value,
     )
     theirs = HFLM(pretrained=model_dir, dtype="float32", batch_size=_BATCH.value, device="cpu")
     first_s, first = _timed(lambda: ours.loglikelihood(requests, disable_tqdm=True))

@@ -16,12 +16,17 @@ skips the blocks a mask switches off; the reference computes the sliced, smaller
 against this machine's fp32 matmul peak (a 4096^3 jitted ``jnp.dot``, best of 5, measured here),
 and the speed-up over the reference loop. Then the exact limit: the fewest FLOPs an exhaustive
 exact search needs (one prefix pass per step, then every candidate from its own layer at its
-pruned width) divided by the peak. Finally the first block step with removed blocks computed
-and discarded instead of skipped.
+pruned width) divided by the peak, and divided by the rate of the model's own matmul shapes
+(also printed, with the rate of one plain dense forward). Finally the first block step with
+removed blocks computed and discarded instead of skipped.
+
+``XLA_FLAGS=--xla_force_host_platform_device_count=1 python bench/search.py --candidates=1``
+runs everything on one CPU device (the 8 fake devices cost about a tenth of the speed here).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 # torch's OpenMP threads spin while they wait; when other jobs share the cores that slows torch
@@ -106,7 +111,7 @@ class Run:
 
 def _ours(model, rows, ignore, name, shape, settings, computed: bool = False) -> Run:
     mesh = mesh_lib.make_mesh(shape)
-    place = surgery.shrink(model, model.spec, lambda p, s: mesh_lib.param_sharding(mesh, p, s))
+    place = surgery.shrink(model, model.spec, functools.partial(mesh_lib.param_sharding, mesh))
     scorers = {
         k: CountingScorer(r, ignore_id=ignore, batch_size=shape[1], mesh=mesh, computed=computed)
         for k, r in rows.items()
@@ -118,7 +123,7 @@ def _ours(model, rows, ignore, name, shape, settings, computed: bool = False) ->
         model.spec,
         scorers,
         settings,
-        sharding_for=lambda p, s: mesh_lib.param_sharding(mesh, p, s),
+        sharding_for=functools.partial(mesh_lib.param_sharding, mesh),
     )
     wall = time.perf_counter() - start
     cands = sum(s.candidates for s in state.steps)
@@ -242,6 +247,55 @@ def matmul_peak(n: int = 4096) -> float:
     return 2 * n**3 / best
 
 
+def shape_peak(spec: ModelSpec, tokens: int) -> float:
+    """FLOP/s of the dense model's own matmuls on ``tokens`` positions (one device, best of 5):
+    one layer's q, k, v, o, gate, up and down projections and its attention scores and values,
+    and the LM head, each jitted and timed alone, weighted by how often a forward runs them."""
+    d, hd = spec.hidden_size, spec.head_dim
+    heads, kv, inter = spec.num_attention_heads, spec.num_key_value_heads, spec.intermediate_size
+    projections = [(d, heads * hd), (d, kv * hd), (d, kv * hd), (heads * hd, d)]
+    projections += [(d, inter), (d, inter), (inter, d)]
+    inputs = [jnp.ones((tokens, k), jnp.float32) for k, _ in projections]
+    weights = [jnp.ones(shape, jnp.float32) for shape in projections]
+    q = jnp.ones((heads, tokens, hd), jnp.float32)
+    x, embedding = inputs[0], jnp.ones((spec.vocab_size, d), jnp.float32)
+
+    def layer(inputs, weights, q):
+        scores = jnp.einsum("htd,hsd->hts", q, q)
+        return [a @ w for a, w in zip(inputs, weights, strict=True)], jnp.einsum(
+            "hts,hsd->htd", scores, q
+        )
+
+    def head(x, embedding):
+        return jnp.einsum("td,vd->tv", x, embedding)
+
+    layer_flops = 2 * tokens * sum(a * b for a, b in projections) + 4 * heads * tokens**2 * hd
+    head_flops = 2 * tokens * d * spec.vocab_size
+    seconds = []
+    for fn, args in ((jax.jit(layer), (inputs, weights, q)), (jax.jit(head), (x, embedding))):
+        jax.block_until_ready(fn(*args))
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            best = min(best, time.perf_counter() - start)
+        seconds.append(best)
+    layers = spec.num_layers
+    return (layers * layer_flops + head_flops) / (layers * seconds[0] + seconds[1])
+
+
+def forward_rate(model, rows: np.ndarray) -> float:
+    """Matmul FLOP/s of dense-model perplexity on ``rows`` with batch 1 (best of 5)."""
+    scorer = Scorer(rows, ignore_id=None, batch_size=1, mesh=mesh_lib.make_mesh((1, 1, 1)))
+    scorer.perplexity(model)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        scorer.perplexity(model)
+        best = min(best, time.perf_counter() - start)
+    return cost.forward_flops(model.spec, 1, rows.shape[1]) * rows.shape[0] / best
+
+
 def _first_block_step(model, rows, ignore, computed: bool) -> Run:
     settings = search.Settings(target_ratio=0.01, **{**SETTINGS, "distribution": (1.0, 0.0, 0.0)})
     name = "first block step, removed blocks " + ("computed" if computed else "skipped")
@@ -278,6 +332,17 @@ def main(argv: list[str]) -> None:
         f"(OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']})"
     )
     print(f"fp32 matmul peak (jitted 4096^3 jnp.dot, best of 5): {peak / 1e9:.1f} GFLOP/s")
+    at_shapes = shape_peak(model.spec, _SEQLEN.value)
+    print(
+        f"fp32 matmuls at the model's own shapes ({_SEQLEN.value} tokens: one layer's "
+        f"projections and attention, the LM head; jitted, best of 5): {at_shapes / 1e9:.1f} GFLOP/s"
+    )
+    forward = forward_rate(model, block)
+    print(
+        f"one dense forward per block row (our Scorer, batch 1, best of 5): {forward / 1e9:.1f} "
+        f"GFLOP/s = {forward / at_shapes:.0%} of the rate at its shapes (the rest: norms, rotary, "
+        "softmax, SiLU, log-sum-exp over the vocabulary)"
+    )
     c = _CANDIDATES.value
     runs = [
         TorchReference(hf, model.spec, settings, rows, ignore).search(),
@@ -312,6 +377,10 @@ def main(argv: list[str]) -> None:
     )
     for run in runs[2:]:
         print(f"  {run.name}: {limit / run.wall:.0%} of the limit")
+    shaped = least / at_shapes
+    print(f"exact limit at the model's own matmul rate: {shaped:.1f} s")
+    for run in runs[2:]:
+        print(f"  {run.name}: {shaped / run.wall:.0%} of that limit")
     computed = _first_block_step(model, rows, ignore, computed=True)
     skipped = _first_block_step(model, rows, ignore, computed=False)
     for run in (computed, skipped):
