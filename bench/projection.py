@@ -15,22 +15,13 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from models.spec import spec_from_hf_config
+from models.spec import LLAMA2_7B_CONFIG, spec_from_hf_config
 from multipruner_jax import cost
 
 _UTIL = flags.DEFINE_float("utilisation", 0.4, "Assumed share of the bf16 peak reached.")
 _BLOCK_ROWS = flags.DEFINE_integer("block_rows", 17, "2048-token rows of the block set.")
 _WIDTH_ROWS = flags.DEFINE_integer("width_rows", 8, "2048-token rows of the width set.")
 
-LLAMA2_7B = dict(
-    model_type="llama",
-    vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-)
 # name: (chips, candidate groups, bf16 peak FLOP/s per chip, mesh and why)
 MACHINES = {
     "TPU v5e-8": (
@@ -52,7 +43,7 @@ MACHINES = {
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    spec = spec_from_hf_config(LLAMA2_7B)
+    spec = spec_from_hf_config(LLAMA2_7B_CONFIG)
     stages = [
         cost.Stage("block", steps=10, evaluations=595, rows=_BLOCK_ROWS.value),
         cost.Stage("mlp_width", steps=55, evaluations=1705, rows=_WIDTH_ROWS.value),

@@ -21,6 +21,17 @@ ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# The shape fields of Llama-2-7B's config.json, the paper's main model: its parameter counts
+# are checked against the paper's, and bench/projection.py projects search times from it.
+LLAMA2_7B_CONFIG = {
+    "model_type": "llama",
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+}
 
 
 class SpecError(ValueError):

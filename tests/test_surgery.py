@@ -10,18 +10,15 @@ import pytest
 import tiny_models
 
 from models import masks as masks_lib
-from models.spec import LayerSpec, ModelSpec, count_params, pruned_ratio, spec_from_hf_config
-from multipruner_jax import pruning_config, surgery
-
-LLAMA2_7B = dict(
-    model_type="llama",
-    vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
+from models.spec import (
+    LLAMA2_7B_CONFIG,
+    LayerSpec,
+    ModelSpec,
+    count_params,
+    pruned_ratio,
+    spec_from_hf_config,
 )
+from multipruner_jax import pruning_config, surgery
 
 
 def _logits(model, tokens, masks=None):
@@ -31,9 +28,11 @@ def _logits(model, tokens, masks=None):
 @pytest.mark.parametrize(
     "config, expected",
     [
-        (LLAMA2_7B, 6_738_415_616),
+        (LLAMA2_7B_CONFIG, 6_738_415_616),
         (
-            dict(LLAMA2_7B, vocab_size=128256, intermediate_size=14336, num_key_value_heads=8),
+            dict(
+                LLAMA2_7B_CONFIG, vocab_size=128256, intermediate_size=14336, num_key_value_heads=8
+            ),
             8_030_261_248,
         ),
         (
@@ -50,7 +49,7 @@ def _logits(model, tokens, masks=None):
         ),
         (
             dict(
-                LLAMA2_7B,
+                LLAMA2_7B_CONFIG,
                 vocab_size=128256,
                 hidden_size=3072,
                 intermediate_size=8192,
@@ -70,7 +69,7 @@ def test_dense_parameter_counts_match_the_papers(config, expected):
 
 
 def test_llama2_7b_ratio_22_count_from_config_alone():
-    dense = spec_from_hf_config(LLAMA2_7B)
+    dense = spec_from_hf_config(LLAMA2_7B_CONFIG)
     layers = [dataclasses.asdict(layer) for layer in dense.layers]
     for i in range(9):
         layers[i]["has_attn"] = False
@@ -206,8 +205,8 @@ def test_pruning_config_errors(change, message):
 
 
 def test_pruning_config_of_a_shorter_model_names_the_missing_layers():
-    dense = spec_from_hf_config(dict(LLAMA2_7B, num_hidden_layers=30))
-    shorter = spec_from_hf_config(dict(LLAMA2_7B, num_hidden_layers=24))
+    dense = spec_from_hf_config(dict(LLAMA2_7B_CONFIG, num_hidden_layers=30))
+    shorter = spec_from_hf_config(dict(LLAMA2_7B_CONFIG, num_hidden_layers=24))
     config = pruning_config.from_spec(shorter, attn_order=[], mlp_order=[], weight_reorder=True)
     with pytest.raises(pruning_config.PruningConfigError, match=r"lacks layers 24\.\.29"):
         pruning_config.to_spec(dense, config)
