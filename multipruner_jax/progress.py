@@ -15,15 +15,37 @@ def clock(seconds: float) -> str:
     return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+class StatusLine:
+    """One status line on ``stream``: rewritten in place on a terminal; elsewhere printed at
+    most every ``every`` seconds, and always when ``final``."""
+
+    def __init__(self, stream: TextIO = sys.stderr, every: float = 10.0):
+        self.stream = stream
+        self.every = every
+        self.live = stream.isatty()
+        self._last = -float("inf")
+
+    def show(self, line: str, final: bool = False) -> None:
+        if self.live:
+            self.stream.write("\r\033[K" + line + ("\n" if final else ""))
+            self.stream.flush()
+        elif final or time.monotonic() - self._last >= self.every:
+            self._last = time.monotonic()
+            print(line, file=self.stream, flush=True)
+
+    def clear(self) -> None:
+        """Remove a line rewritten in place (before printing a line of one's own)."""
+        if self.live:
+            self.stream.write("\r\033[K")
+
+
 class ConsoleProgress(Progress):
-    """Rewrites one line in place on a terminal; elsewhere prints a line every ``every`` s."""
+    """Search progress: a status line per candidate, a line per accepted step."""
 
     def __init__(self, stream: TextIO = sys.stderr, every: float = 10.0, enabled: bool = True):
         self.stream = stream
-        self.every = every
         self.enabled = enabled
-        self.live = stream.isatty()
-        self._last = 0.0
+        self.status = StatusLine(stream, every)
 
     def candidate(
         self,
@@ -42,19 +64,13 @@ class ConsoleProgress(Progress):
             f"[{stage}] step {step}: candidates {done}/{total}, best ppl {best:.4f}, "
             f"ratio {ratio:.2f}%, step ETA {clock(eta)}, search ETA ~{clock(search_eta)}"
         )
-        now = time.monotonic()
-        if self.live:
-            self.stream.write("\r\033[K" + line)
-            self.stream.flush()
-        elif now - self._last >= self.every or done == total:
-            self._last = now
-            print(line, file=self.stream, flush=True)
+        # the step's last line stays open on a terminal: ``accepted`` replaces it
+        self.status.show(line, final=done == total and not self.status.live)
 
     def accepted(self, record: Step, search_eta: float) -> None:
         if not self.enabled:
             return
-        if self.live:
-            self.stream.write("\r\033[K")
+        self.status.clear()
         print(
             f"[{record.stage}] step {record.step}: removed {record.candidate.describe()} "
             f"-> ppl {record.ppl:.4f}, ratio {record.ratio:.2f}% (target {record.target:.2f}%), "

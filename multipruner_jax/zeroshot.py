@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import sys
-import time
 from typing import TextIO
 
-from multipruner_jax.progress import clock
+from multipruner_jax.progress import StatusLine, clock
 from multipruner_jax.task_data import LoadedTasks
 
 
@@ -106,22 +105,13 @@ class ProgressLine:
     in place on a terminal, elsewhere printed at most every ``every`` seconds and at the end."""
 
     def __init__(self, stream: TextIO = sys.stderr, every: float = 10.0):
-        self.stream = stream
-        self.every = every
-        self.live = stream.isatty()
-        self._last = -float("inf")
+        self.status = StatusLine(stream, every)
 
     def __call__(self, done: int, total: int, seconds: float) -> None:
         rate = done / seconds if seconds > 0 else 0.0
         eta = (total - done) / rate if rate > 0 else 0.0
         line = f"zero-shot: {done}/{total} requests, {rate:.1f} req/s, ETA {clock(eta)}"
-        now = time.monotonic()
-        if self.live:
-            self.stream.write("\r\033[K" + line + ("\n" if done == total else ""))
-            self.stream.flush()
-        elif now - self._last >= self.every or done == total:
-            self._last = now
-            print(line, file=self.stream, flush=True)
+        self.status.show(line, final=done == total)
 
 
 def _number(value) -> float | None:
