@@ -1,7 +1,10 @@
-"""Export a pruned ``CausalLM`` to a PyTorch Hugging Face directory (``hf_io`` reads them back).
+"""Export a pruned ``CausalLM``: one table of formats (``FORMATS``), one writer each.
 
-Two layouts, both with the *unchanged dense* ``config.json`` (written here from the spec) and HF
-tensor names and layout (linear weights ``[out, in]``; ``lm_head.weight`` only when untied):
+Four formats. ``decilm`` (vLLM, SGLang, TensorRT-LLM, mlx-lm) and ``gguf`` (llama.cpp, Ollama,
+LM Studio) are the serving formats, described in ``decilm`` and ``gguf_export``; each export
+reports in one line which zeros its schema forced on it (``padding``). The two Hugging Face
+layouts below both have the *unchanged dense* ``config.json`` (written here from the spec) and
+HF tensor names and layout (linear weights ``[out, in]``; ``lm_head.weight`` only when untied):
 
 * ``padded``: every tensor has its dense shape and pruned units are zeros: a removed attention
   block has all-zero q/k/v/o (and biases), a removed MLP all-zero gate/up/down, pruned KV groups
@@ -26,141 +29,43 @@ model itself. Run it on one process whose arrays are fully addressable.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import jax
-import ml_dtypes
-import numpy as np
-from flax import nnx
-
-from models import decoder
 from models.decoder import CausalLM
-from models.hf_names import hf_name
-from models.spec import ModelSpec, dense_spec, spec_to_hf_config
-from multipruner_jax import atomic, checkpoint, hf_io, pruning_config, remote_code
+from models.spec import (
+    SUPPORTED_MODEL_TYPES,
+    ModelSpec,
+    count_params,
+    dense_spec,
+    spec_to_hf_config,
+)
+from multipruner_jax import (
+    atomic,
+    checkpoint,
+    decilm,
+    gguf_export,
+    hf_io,
+    pruning_config,
+    remote_code,
+)
+from multipruner_jax.padding import Padding
+from multipruner_jax.tensor_files import (
+    FILE_DTYPES,
+    INDEX_FILE,
+    Tensor,
+    dense_tensors,
+    model_tensors,
+    write_safetensors,
+)
 
-FORMATS = ("padded", "compact")
-DTYPES = {
-    "float32": np.dtype(np.float32),
-    "bfloat16": np.dtype(ml_dtypes.bfloat16),
-    "float16": np.dtype(np.float16),
-}
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 
-_SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
-
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------
-# Tensors
-
-
-@dataclass(frozen=True)
-class _Tensor:
-    """One HF tensor: its name and shape, and the parameter it comes from (``None``: zeros)."""
-
-    name: str
-    shape: tuple[int, ...]
-    source: jax.Array | None
-    transpose: bool
-
-    def nbytes(self, dtype: np.dtype) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * dtype.itemsize
-
-    def array(self, dtype: np.dtype) -> np.ndarray:
-        """The C-contiguous HF-layout tensor: the source (transposed for kernels) cast to
-        ``dtype`` and zero-padded at the end of every axis up to ``shape``."""
-        if self.source is None:
-            return np.zeros(self.shape, dtype)
-        x = np.asarray(jax.device_get(self.source.astype(dtype)))
-        x = x.T if self.transpose else x
-        if x.shape == self.shape:
-            return np.ascontiguousarray(x)
-        out = np.zeros(self.shape, dtype)
-        out[tuple(slice(0, n) for n in x.shape)] = x
-        return out
-
-
-def _tensors(model: CausalLM, fmt: str) -> list[_Tensor]:
-    """The tensors to write: the model's own (``compact``), or every dense one (``padded``)."""
-    params = {path: var[...] for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    layout = model if fmt == "compact" else decoder.abstract(dense_spec(model.spec))
-    tensors = []
-    for path, var in nnx.to_flat_state(nnx.state(layout, nnx.Param)):
-        name, transpose = hf_name(path)
-        shape = tuple(var.get_value().shape)
-        tensors.append(
-            _Tensor(name, shape[::-1] if transpose else shape, params.get(path), transpose)
-        )
-    return tensors
-
-
-# ---------------------------------------------------------------------------------------------
-# safetensors files
-
-
-def _write_safetensors(path: str, tensors: list[_Tensor], dtype_name: str) -> None:
-    """Write ``tensors`` as one safetensors file, converting and writing one tensor at a time."""
-    dtype = DTYPES[dtype_name]
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for t in tensors:
-        end = offset + t.nbytes(dtype)
-        header[t.name] = {
-            "dtype": _SAFETENSORS_DTYPE[dtype_name],
-            "shape": list(t.shape),
-            "data_offsets": [offset, end],
-        }
-        offset = end
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for t in tensors:
-            f.write(t.array(dtype).reshape(-1).view(np.uint8))
-
-
-def _plan_shards(tensors: list[_Tensor], dtype: np.dtype, max_bytes: int) -> list[list[_Tensor]]:
-    """Consecutive groups of at most ``max_bytes`` (a larger tensor gets a shard of its own)."""
-    shards: list[list[_Tensor]] = [[]]
-    size = 0
-    for t in tensors:
-        n = t.nbytes(dtype)
-        if shards[-1] and size + n > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += n
-    return shards
-
-
-def _write_weights(
-    folder: str, tensors: list[_Tensor], dtype_name: str, max_shard_bytes: int
-) -> None:
-    """``model.safetensors``, or HF-named shards plus ``model.safetensors.index.json``."""
-    dtype = DTYPES[dtype_name]
-    shards = _plan_shards(tensors, dtype, max_shard_bytes)
-    if len(shards) == 1:
-        _write_safetensors(os.path.join(folder, hf_io.SINGLE_FILE), tensors, dtype_name)
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        _write_safetensors(os.path.join(folder, file), shard, dtype_name)
-        weight_map.update({t.name: file for t in shard})
-    total = sum(t.nbytes(dtype) for t in tensors)
-    atomic.write_json(
-        os.path.join(folder, hf_io.INDEX_FILE),
-        {"metadata": {"total_size": total}, "weight_map": weight_map},
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,14 +135,134 @@ def _checkpoint_pruning_config(path: str, spec: ModelSpec) -> dict[str, Any] | N
 
 
 # ---------------------------------------------------------------------------------------------
+# The formats
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a format writer gets: the model and the export options."""
+
+    model: CausalLM
+    dtype: str
+    max_shard_bytes: int
+    tokenizer: Any
+    pruning_config: dict[str, Any] | None
+
+
+def _write_hf(folder: str, job: Job, tensors: list[Tensor], config_json: dict[str, Any]) -> None:
+    _save_tokenizer(folder, job.tokenizer)
+    index = write_safetensors(folder, tensors, job.dtype, job.max_shard_bytes)
+    if index is not None:
+        atomic.write_json(os.path.join(folder, INDEX_FILE), index)
+    atomic.write_json(os.path.join(folder, hf_io.CONFIG_FILE), config_json)
+
+
+def _write_padded(job: Job, folder: str) -> Padding:
+    spec = job.model.spec
+    _write_hf(folder, job, dense_tensors(job.model), spec_to_hf_config(spec, job.dtype))
+    padding = Padding()
+    zeros = count_params(dense_spec(spec)) - count_params(spec)
+    padding.add(None, "every pruned unit as zeros (dense shapes)", zeros)
+    return padding
+
+
+def _write_compact(job: Job, folder: str) -> Padding:
+    spec = job.model.spec
+    config_json = spec_to_hf_config(spec, job.dtype)
+    config_json.update(remote_code.config_additions(spec))
+    _write_hf(folder, job, model_tensors(job.model), config_json)
+    shutil.copy(remote_code.MODELING_FILE, folder)
+    atomic.write_json(
+        os.path.join(folder, pruning_config.FILE),
+        _compact_pruning_config(spec, job.pruning_config),
+    )
+    return Padding()
+
+
+def _write_decilm(job: Job, folder: str) -> Padding:
+    spec = job.model.spec
+    tensors, padding = decilm.tensors(job.model)
+    _write_hf(folder, job, tensors, decilm.config(spec, job.dtype))
+    for file in (remote_code.MODELING_FILE, *decilm.FILES):
+        shutil.copy(file, folder)
+    return padding
+
+
+def _write_gguf(job: Job, folder: str) -> Padding:
+    return gguf_export.write(job.model, folder, job.dtype, job.tokenizer)
+
+
+@dataclass(frozen=True)
+class Format:
+    """One export format: its writer, what it can carry, and what it is for."""
+
+    write: Callable[[Job, str], Padding]
+    families: tuple[str, ...]
+    dtypes: tuple[str, ...]
+    summary: str
+
+
+_HF_DTYPES = tuple(FILE_DTYPES)
+_ALL_FAMILIES = SUPPORTED_MODEL_TYPES
+# The one table of export formats: adding a format means adding an entry here.
+FORMATS: dict[str, Format] = {
+    "compact": Format(
+        _write_compact,
+        _ALL_FAMILIES,
+        _HF_DTYPES,
+        "pruned shapes, transformers with trust_remote_code=True (exact)",
+    ),
+    "padded": Format(
+        _write_padded,
+        _ALL_FAMILIES,
+        _HF_DTYPES,
+        "dense shapes with pruned units zero, any loader of the family (dense size and speed)",
+    ),
+    "decilm": Format(
+        _write_decilm,
+        decilm.FAMILIES,
+        _HF_DTYPES,
+        "DeciLM/Nemotron-NAS schema for vLLM, SGLang, TensorRT-LLM and mlx-lm (pruned size; "
+        "query heads padded)",
+    ),
+    "gguf": Format(
+        _write_gguf,
+        gguf_export.FAMILIES,
+        gguf_export.DTYPES,
+        "one GGUF file (arch deci) for llama.cpp, Ollama and LM Studio (exact pruned shapes)",
+    ),
+}
+DTYPES = tuple(dict.fromkeys(d for f in FORMATS.values() for d in f.dtypes))
+
+
+def check_format(fmt: str, dtype: str, model_type: str, flag: str = "--format") -> None:
+    """Raise ``ValueError`` (one sentence) unless ``fmt`` can write a ``model_type`` model in
+    ``dtype``."""
+    if fmt not in FORMATS:
+        raise ValueError(f"{flag}={fmt!r}: expected one of {', '.join(FORMATS)}")
+    entry = FORMATS[fmt]
+    if dtype not in entry.dtypes:
+        raise ValueError(
+            f"the {fmt} format cannot write dtype {dtype!r}; it takes {', '.join(entry.dtypes)}"
+        )
+    if model_type not in entry.families:
+        others = " or ".join(name for name, f in FORMATS.items() if model_type in f.families)
+        why = _WHY_NOT.get(model_type, f"its engines do not implement {model_type}")
+        raise ValueError(
+            f"the {fmt} format cannot carry a {model_type} model ({why}); export it with "
+            f"--format={others}"
+        )
+
+
+_WHY_NOT = {"qwen3": "no engine's DeciLM or deci code has Qwen3's q/k norm"}
+
+
+# ---------------------------------------------------------------------------------------------
 # Public API
 
 
-def _check_options(fmt: str, dtype: str, max_shard_bytes: int) -> None:
-    if fmt not in FORMATS:
-        raise ValueError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+def _check_options(fmt: str, dtype: str, max_shard_bytes: int, model_type: str) -> None:
+    check_format(fmt, dtype, model_type)
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
 
@@ -252,38 +277,38 @@ def export(
     tokenizer: Any = None,
     config: dict[str, Any] | None = None,
     overwrite: bool = False,
-) -> None:
-    """Write ``model`` as an HF PyTorch directory ``out`` (see the module docstring).
+) -> str:
+    """Write ``model`` to the folder ``out`` in format ``fmt`` (see ``FORMATS``).
 
     Args:
       model: a (pruned) model; any parameter dtype.
       out: output directory; must be absent or empty unless ``overwrite``.
-      fmt: ``"compact"`` (pruned shapes, loads with ``trust_remote_code=True``) or ``"padded"``
-        (dense shapes, stock transformers classes).
-      dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``: the tensors' dtype in the files.
-      max_shard_bytes: above this many tensor bytes, write shards plus an index.
+      fmt: a key of ``FORMATS``.
+      dtype: the tensors' dtype in the files (the format's ``dtypes``).
+      max_shard_bytes: safetensors formats: above this many tensor bytes, shards plus an index.
       tokenizer: a tokenizer directory to copy, or an object with ``save_pretrained``.
       config: ``compact`` only: the search's pruning config (keeps its removal order and
         ``weight_reorder``); default: removals in layer order.
       overwrite: replace a non-empty ``out``.
+
+    Returns the one-line padding report (what the format had to write as zeros, and where).
     """
-    _check_options(fmt, dtype, max_shard_bytes)
+    spec = model.spec
+    _check_options(fmt, dtype, max_shard_bytes, spec.model_type)
     if config is not None and fmt != "compact":
         raise ValueError("a pruning config is only written with the compact format")
     check_output(out, overwrite)
-    spec = model.spec
-    config_json = spec_to_hf_config(spec, dtype)
-    files = {hf_io.CONFIG_FILE: config_json}
-    if fmt == "compact":
-        config_json.update(remote_code.config_additions(spec))
-        files[pruning_config.FILE] = _compact_pruning_config(spec, config)
+    if spec.sliding_window is not None and fmt in ("decilm", "gguf"):
+        log.warning(
+            "%s engines attend over the whole context: outputs equal the pruned model's only "
+            "within its sliding window of %d tokens",
+            fmt,
+            spec.sliding_window,
+        )
+    job = Job(model, dtype, max_shard_bytes, tokenizer, config)
     with atomic.directory(out) as tmp:
-        _save_tokenizer(str(tmp), tokenizer)
-        _write_weights(str(tmp), _tensors(model, fmt), dtype, max_shard_bytes)
-        if fmt == "compact":
-            shutil.copy(remote_code.MODELING_FILE, tmp)
-        for name, obj in files.items():
-            atomic.write_json(tmp / name, obj)
+        padding = FORMATS[fmt].write(job, str(tmp))
+    return padding.line(fmt, count_params(spec))
 
 
 def export_checkpoint(
@@ -294,19 +319,20 @@ def export_checkpoint(
     dtype: str = "float32",
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
-) -> None:
+) -> str:
     """Export our pruned checkpoint ``path`` (``checkpoint.save``) with its ``tokenizer/``.
 
     ``compact`` takes the removal order from a ``pruning_config.json`` in ``path`` or its parent
     (where the prune job writes it) when that file matches the checkpoint's shapes. Nothing is
-    written when ``path`` is not a checkpoint or ``out`` is in the way.
+    written when ``path`` is not a checkpoint, the format cannot carry it, or ``out`` is in the
+    way. Returns ``export``'s padding report.
     """
-    _check_options(fmt, dtype, max_shard_bytes)
     path = checkpoint.locate(path)
     spec = checkpoint.load_spec(path)
+    _check_options(fmt, dtype, max_shard_bytes, spec.model_type)
     check_output(out, overwrite)
     tokenizer = os.path.join(path, checkpoint.TOKENIZER_DIR)
-    export(
+    return export(
         checkpoint.restore(path),
         out,
         fmt=fmt,

@@ -169,6 +169,10 @@ def check_options(opts: PruneOptions) -> Plan:
     if opts.eval_windows:
         data.check_source(opts.eval_dataset, evaluation=True)
     dense = hf_io.read_dense_spec(model_source.resolve(opts.model_path, weights=False))
+    if opts.export_hf:
+        export.check_format(
+            opts.export_format, opts.export_dtype, dense.model_type, "--export_format"
+        )
     if opts.pruned_model_config_file:
         config = pruning_config.load(opts.pruned_model_config_file)
         pruning_config.to_spec(dense, config)
@@ -403,7 +407,7 @@ def run(opts: PruneOptions, flags_text: str | None = None) -> dict[str, Any]:
     if job.eval_tokens is not None:
         summary["pruned_ppl"] = job.perplexity(model)
     if opts.export_hf:
-        export.export(
+        summary["export_padding"] = export.export(
             model,
             opts.export_hf,
             fmt=opts.export_format,
@@ -532,5 +536,6 @@ def format_summary(summary: dict[str, Any]) -> str:
         )
     lines.append(f"checkpoint: {summary['checkpoint']}")
     if "export_hf" in summary:
-        lines.append(f"Hugging Face export: {summary['export_hf']}")
+        lines.append(f"export: {summary['export_hf']}")
+        lines.append(summary["export_padding"])
     return "\n".join(lines)

@@ -1,11 +1,11 @@
-"""Export a pruned checkpoint to a PyTorch HF directory.
+"""Export a pruned checkpoint for transformers or a serving engine.
 
-``python scripts/export_hf.py --checkpoint=OUT/checkpoint --out=DIR [--format=compact|padded]``
+``python scripts/export_hf.py --checkpoint=OUT/checkpoint --out=DIR [--format=...] [--dtype=...]``
 
-``compact`` (default) has the pruned shapes, ``pruning_config.json`` and its own modeling file:
-``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` loads it, smaller and
-faster. ``padded`` has the dense shapes with pruned units zero, for engines that cannot run
-remote code (no size or speed benefit).
+Formats (``multipruner_jax.export.FORMATS``): ``compact`` (default; transformers with
+``trust_remote_code=True``), ``padded`` (dense shapes, any loader), ``decilm`` (vLLM, SGLang,
+TensorRT-LLM, mlx-lm) and ``gguf`` (llama.cpp, Ollama, LM Studio: ``DIR/model.gguf``). The last
+line printed says which zeros the format had to add, and where.
 """
 
 from absl import flags
@@ -15,16 +15,23 @@ from multipruner_jax import cli, export
 flags.DEFINE_string(
     "checkpoint", None, "Pruned checkpoint (or the prune output folder holding it).", required=True
 )
-flags.DEFINE_string("out", None, "Output HF directory.", required=True)
+flags.DEFINE_string("out", None, "Output folder.", required=True)
 flags.DEFINE_enum(
     "format",
     "compact",
     list(export.FORMATS),
-    "compact: pruned shapes (trust_remote_code=True); padded: dense shapes, stock classes.",
+    "; ".join(f"{name}: {f.summary}" for name, f in export.FORMATS.items()),
 )
-flags.DEFINE_enum("dtype", "float32", list(export.DTYPES), "Tensor dtype in the files.")
+flags.DEFINE_enum(
+    "dtype",
+    "float32",
+    list(export.DTYPES),
+    "Tensor dtype in the files (q8_0: gguf only).",
+)
 flags.DEFINE_float(
-    "max_shard_gb", export.DEFAULT_MAX_SHARD_BYTES / 1e9, "Largest safetensors file (1e9 bytes)."
+    "max_shard_gb",
+    export.DEFAULT_MAX_SHARD_BYTES / 1e9,
+    "Largest safetensors file (1e9 bytes); not used by gguf.",
 )
 flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out.")
 
@@ -34,7 +41,7 @@ FLAGS = flags.FLAGS
 def main() -> None:
     if not FLAGS.max_shard_gb > 0:
         raise ValueError(f"--max_shard_gb={FLAGS.max_shard_gb:g}: expected a positive size")
-    export.export_checkpoint(
+    report = export.export_checkpoint(
         FLAGS.checkpoint,
         FLAGS.out,
         fmt=FLAGS.format,
@@ -42,7 +49,8 @@ def main() -> None:
         max_shard_bytes=int(FLAGS.max_shard_gb * 1e9),
         overwrite=FLAGS.overwrite,
     )
-    print(f"wrote {FLAGS.format} {FLAGS.dtype} HF model to {FLAGS.out}")
+    print(f"wrote {FLAGS.format} {FLAGS.dtype} model to {FLAGS.out}")
+    print(report)
 
 
 if __name__ == "__main__":

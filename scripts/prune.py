@@ -59,10 +59,18 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("eval_windows", _D.eval_windows, "Evaluation rows: 0 none, -1 all, N first.")
 flags.DEFINE_string("cache_dir", None, "Token-window cache folder (default: no cache).")
-flags.DEFINE_string("export_hf", None, "Also export the pruned model to this HF directory.")
-flags.DEFINE_enum("export_format", _D.export_format, list(export.FORMATS), "Format of --export_hf.")
+flags.DEFINE_string("export_hf", None, "Also export the pruned model to this folder.")
 flags.DEFINE_enum(
-    "export_dtype", _D.export_dtype, list(export.DTYPES), "Tensor dtype of --export_hf."
+    "export_format",
+    _D.export_format,
+    list(export.FORMATS),
+    "Format of --export_hf: " + "; ".join(f"{k}: {f.summary}" for k, f in export.FORMATS.items()),
+)
+flags.DEFINE_enum(
+    "export_dtype",
+    _D.export_dtype,
+    list(export.DTYPES),
+    "Tensor dtype of --export_hf (q8_0: gguf).",
 )
 flags.DEFINE_bool("export_overwrite", _D.export_overwrite, "Replace a non-empty --export_hf.")
 flags.DEFINE_bool("distributed", False, "Join a multi-process run (jax.distributed) first.")

@@ -196,7 +196,7 @@ def test_evaluate_reads_checkpoints_and_exports_alike(searched, tmp_path):
     ckpt = evaluation.evaluate(str(out / "checkpoint"), seqlen=32, windows=3, mesh_shape=(1, 1))
     assert ckpt["params"] == summary["pruned_params"] and ckpt["rows"] == 3
     assert 1.0 < ckpt["perplexity"] < float("inf")
-    for fmt in export.FORMATS:
+    for fmt in ("padded", "compact"):  # the formats our loader reads
         export.export_checkpoint(str(out / "checkpoint"), str(tmp_path / fmt), fmt=fmt)
         exported = evaluation.evaluate(str(tmp_path / fmt), seqlen=32, windows=3, mesh_shape=(1, 1))
         assert exported["perplexity"] == pytest.approx(ckpt["perplexity"], rel=1e-5)

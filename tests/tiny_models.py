@@ -8,6 +8,7 @@ random transformers model from the same config (torch is imported only there).
 from __future__ import annotations
 
 import functools
+import json
 from typing import Any
 
 import jax
@@ -57,16 +58,16 @@ def spec(family: str, **overrides: Any) -> ModelSpec:
     return spec_from_hf_config(config(family, **overrides))
 
 
-def model(family: str, seed: int = 0) -> CausalLM:
+def model(family: str, seed: int = 0, **overrides: Any) -> CausalLM:
     """A random model whose norms and biases are non-trivial too (a fresh copy per call: a test
-    may change its parameters in place)."""
-    graphdef, state = _built(family, seed)
+    may change its parameters in place); ``overrides`` change its HF config."""
+    graphdef, state = _built(family, seed, json.dumps(overrides, sort_keys=True))
     return nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
 
 
 @functools.cache
-def _built(family: str, seed: int):
-    m = decoder.build(spec(family), seed=seed)
+def _built(family: str, seed: int, overrides: str = "{}"):
+    m = decoder.build(spec(family, **json.loads(overrides)), seed=seed)
     rng = np.random.default_rng(seed)
     for layer in m.model.layers:
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):

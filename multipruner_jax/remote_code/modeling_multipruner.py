@@ -15,6 +15,12 @@ block has no module, no parameters and no compute; its RMSNorm weight stays (the
 and MultiPruner counts it), so ``num_parameters()`` matches the pruner's count. Tensor names are
 the family's HF names.
 
+The same file also runs ``decilm`` exports (``model_type: nemotron-nas``, the schema that vLLM,
+SGLang, TensorRT-LLM and mlx-lm run natively): there ``block_configs`` gives each layer's shapes
+the way those engines read them (every attention layer has the dense query-head count, KV heads
+``num_attention_heads // n_heads_in_group``, MLP width from ``ffn_mult``), a ``no_op`` block has
+no norm either, and ``attention_bias`` gives all four attention projections a bias.
+
 Attention runs through ``torch.nn.functional.scaled_dot_product_attention``; a sliding window is an
 explicit mask. Only layers with attention own a KV-cache slot: the ``n``-th such layer uses slot
 ``n``, so ``Cache.get_seq_length()`` (slot 0) is the number of cached tokens even when layer 0 has
@@ -44,7 +50,8 @@ if int(transformers.__version__.split(".")[0]) < 5:
         f"found {transformers.__version__}"
     )
 LAYERS_KEY = "multipruner_layers"
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+DECILM = "nemotron-nas"
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", DECILM)
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -58,6 +65,8 @@ def layer_shapes(config: PretrainedConfig) -> list[tuple[int, int, int]]:
 
     A config without ``multipruner_layers`` describes the dense model.
     """
+    if config.model_type == DECILM:
+        return _decilm_shapes(config)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     dense_width = config.intermediate_size
@@ -94,6 +103,30 @@ def layer_shapes(config: PretrainedConfig) -> list[tuple[int, int, int]]:
                 f"at most {dense_width} MLP channels)"
             )
         shapes.append(shape)
+    return shapes
+
+
+def _decilm_shapes(config: PretrainedConfig) -> list[tuple[int, int, int]]:
+    """Per-layer shapes of ``block_configs`` as the DeciLM engines derive them."""
+    heads, hidden = config.num_attention_heads, config.hidden_size
+    blocks = getattr(config, "block_configs", None)
+    if not isinstance(blocks, list) or len(blocks) != config.num_hidden_layers:
+        raise ValueError(
+            f"config.json block_configs must be a list with one entry per layer "
+            f"({config.num_hidden_layers})"
+        )
+    shapes = []
+    for i, block in enumerate(blocks):
+        attn, ffn = block["attention"], block["ffn"]
+        if attn.get("replace_with_linear") or ffn.get("replace_with_linear"):
+            raise ValueError(
+                f"config.json block_configs[{i}]: replace_with_linear is not supported"
+            )
+        kv = 0 if attn["no_op"] else heads // int(attn["n_heads_in_group"])
+        width = 0
+        if not ffn["no_op"]:
+            width = -(-int(2 * float(ffn["ffn_mult"]) * hidden / 3) // 256) * 256
+        shapes.append((heads if kv else 0, kv, width))
     return shapes
 
 
@@ -253,7 +286,7 @@ class MultiPrunerAttention(nn.Module):
     def __init__(self, config: PretrainedConfig, heads: int, kv_heads: int, slot: int):
         super().__init__()
         d, dim = config.hidden_size, _head_dim(config)
-        qwen2 = config.model_type == "qwen2"
+        qwen2 = config.model_type == "qwen2"  # q/k/v biases whatever attention_bias says
         bias = bool(getattr(config, "attention_bias", False))
         self.q_proj = nn.Linear(d, heads * dim, bias=bias or qwen2)
         self.k_proj = nn.Linear(d, kv_heads * dim, bias=bias or qwen2)
@@ -305,13 +338,14 @@ class MultiPrunerMLP(nn.Module):
 
 
 class MultiPrunerDecoderLayer(nn.Module):
-    """Pre-norm residual layer; a removed block is ``None``, its norm stays."""
+    """Pre-norm residual layer; a removed block is ``None``, its norm stays (``decilm``: goes)."""
 
     def __init__(self, config: PretrainedConfig, shape: tuple[int, int, int], slot: int):
         super().__init__()
         heads, kv_heads, width = shape
-        self.input_layernorm = MultiPrunerRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = MultiPrunerRMSNorm(config.hidden_size, config.rms_norm_eps)
+        d, eps, keep = config.hidden_size, config.rms_norm_eps, config.model_type != DECILM
+        self.input_layernorm = MultiPrunerRMSNorm(d, eps) if heads or keep else None
+        self.post_attention_layernorm = MultiPrunerRMSNorm(d, eps) if width or keep else None
         self.self_attn = MultiPrunerAttention(config, heads, kv_heads, slot) if heads else None
         self.mlp = MultiPrunerMLP(config, width) if width else None
 
@@ -484,7 +518,7 @@ class MultiPrunerForCausalLM(MultiPrunerPreTrainedModel, GenerationMixin):
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_tokens(input_ids)
         cache = cache if cache is not None else past_key_values
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        use_cache = getattr(self.config, "use_cache", True) if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         hidden = self.model(inputs_embeds, attention_mask, position_ids, cache)
