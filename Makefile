@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 ASSETS ?= .assets
 STAMP := $(VENV)/.installed
 
-.PHONY: install assets test demo lint bench engines
+.PHONY: install assets test test-engines demo lint bench engines
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -24,7 +24,7 @@ assets: $(STAMP)
 
 test: assets
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
-	  $(BIN)/python -m pytest tests
+	  $(BIN)/python -m pytest tests --ignore=tests/engines
 
 # The demo starts afresh each time (its output folder is replaced).
 demo: assets
@@ -64,3 +64,9 @@ $(VLLM_VENV)/.installed: $(ENGINES_PINS)
 	touch $@
 
 engines: $(ENGINES_VENV)/.installed $(VLLM_VENV)/.installed
+
+# The exports in the real engines (tests/engines): slower, so a target of its own; .ci/run runs it
+# after `make test`.
+test-engines: assets engines
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
+	  $(BIN)/python -m pytest tests/engines

@@ -32,12 +32,13 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import pruned_models
 import torch
 import transformers
 from absl import app, flags
 
 from models.spec import ModelSpec, count_params
-from multipruner_jax import assets, checkpoint, export, hf_io, pruning_config, surgery
+from multipruner_jax import assets, checkpoint, export, hf_io
 
 _CHECKPOINTS = flags.DEFINE_list("checkpoints", [], "Pruned prune.py checkpoints to measure.")
 _CONFIGS = flags.DEFINE_list(
@@ -104,23 +105,6 @@ def _disk_bytes(path: str) -> int:
     return sum(os.path.getsize(f) for f in glob.glob(os.path.join(path, "*.safetensors")))
 
 
-def _flops(spec: ModelSpec, keys: float) -> dict[str, float]:
-    """Matmul FLOPs per token, by part, when each query sees ``keys`` keys: weights (the LM head
-    included, the embedding lookup not) and attention scores and values (2 x 2 FLOPs per query
-    channel and key)."""
-    d = spec.hidden_size
-    parts = dict.fromkeys(("LM head", "attention weights", "attention scores", "MLP"), 0.0)
-    parts["LM head"] = 2.0 * spec.vocab_size * d
-    for layer in spec.layers:
-        if layer.has_attn:
-            q = layer.kv_groups * spec.q_per_kv * spec.head_dim
-            parts["attention weights"] += 2.0 * d * (2 * q + 2 * layer.kv_groups * spec.head_dim)
-            parts["attention scores"] += 4.0 * q * keys
-        if layer.has_mlp:
-            parts["MLP"] += 6.0 * d * layer.mlp_width
-    return parts
-
-
 def _shares(parts: dict[str, float]) -> str:
     total = sum(parts.values())
     return ", ".join(f"{name} {value / total:.1%}" for name, value in parts.items())
@@ -145,14 +129,8 @@ def _models(workdir: str, dense_dir: str) -> list[Model]:
         export.export_checkpoint(path, out)
         models.append(Model(name, out, checkpoint.load_spec(path), remote=True))
     for file in _CONFIGS.value:
-        config = pruning_config.load(file)
-        model = hf_io.load_model(dense_dir)
-        if config.get("weight_reorder"):
-            surgery.reorder(model)
-        pruned = surgery.shrink(model, pruning_config.to_spec(dense_spec, config))
-        name = os.path.splitext(os.path.basename(file))[0].removesuffix("_pruning_config")
-        if name == "pruning_config":
-            name = os.path.basename(os.path.dirname(os.path.abspath(file)))
+        pruned, config = pruned_models.from_config(dense_dir, file)
+        name = pruned_models.run_name(file)
         out = os.path.join(workdir, name)
         export.export(pruned, out, config=config)
         models.append(Model(name, out, pruned.spec, remote=True))
@@ -210,7 +188,7 @@ def main(argv: list[str]) -> None:
     ref = models[0]
     # A forward's queries see (seq + 1) / 2 keys on average; decode steps prompt + new / 2.
     keys = {"fwd": (_SEQ.value + 1) / 2, "tok": _PROMPT.value + _NEW.value / 2}
-    ref_flops = {task: sum(_flops(ref.spec, n).values()) for task, n in keys.items()}
+    ref_flops = {task: sum(pruned_models.flops(ref.spec, n).values()) for task, n in keys.items()}
     print(f"ratios to {ref.name} (FLOPs: matmul FLOPs the shapes predict, per token):")
     print(
         f"{'model':>16} {'params':>7} {'FLOPs fwd':>9} {'fwd':>6} {'FLOPs tok':>9} {'gen':>6} "
@@ -218,7 +196,8 @@ def main(argv: list[str]) -> None:
     )
     for m in models[1:]:
         flops = {
-            task: sum(_flops(m.spec, n).values()) / ref_flops[task] for task, n in keys.items()
+            task: sum(pruned_models.flops(m.spec, n).values()) / ref_flops[task]
+            for task, n in keys.items()
         }
         params = m.model.num_parameters() / ref.model.num_parameters()
         fwd = statistics.median(forward_s[m.name]) / statistics.median(forward_s[ref.name])
@@ -229,8 +208,8 @@ def main(argv: list[str]) -> None:
             f"{disk[m.name] / disk[ref.name]:>6.3f}"
         )
     spec = ref.spec
-    print(f"dense FLOPs, forward 1x{_SEQ.value}: {_shares(_flops(spec, keys['fwd']))}")
-    print(f"dense FLOPs, decode step: {_shares(_flops(spec, keys['tok']))}")
+    print(f"dense FLOPs, forward 1x{_SEQ.value}: {_shares(pruned_models.flops(spec, keys['fwd']))}")
+    print(f"dense FLOPs, decode step: {_shares(pruned_models.flops(spec, keys['tok']))}")
     share = spec.vocab_size * spec.hidden_size / count_params(spec)
     print(f"embedding matrix (also the LM head when tied): {share:.1%} of the dense parameters")
 

@@ -10,6 +10,8 @@ Request options (see runner_common for the common ones):
   the prompt, half of them for decode).
 * `n_ctx`: context (KV cells) to allocate; default just enough for the request.
 * `n_batch`: prompt batch size, default 512 (longer prompts go in several batches).
+* `texts` (check): strings to tokenize with the file's vocabulary (no BOS), returned as
+  `text_tokens_<i>` int32 arrays.
 
 Output npz:
 
@@ -88,7 +90,11 @@ def check(model: str, request: Request) -> Arrays:
             return llm.scores[llm.n_tokens - 1]
 
         greedy.append(greedy_loop(logits[-1][-1], step, n_greedy))
-    return {"logits": np.stack(logits), "greedy": np.array(greedy, np.int32), **kv}
+    texts = {
+        f"text_tokens_{i}": np.array(llm.tokenize(text.encode(), add_bos=False), np.int32)
+        for i, text in enumerate(request.get("texts", []))
+    }
+    return {"logits": np.stack(logits), "greedy": np.array(greedy, np.int32), **kv, **texts}
 
 
 def bench(model: str, request: Request) -> Arrays:

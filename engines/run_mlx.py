@@ -54,7 +54,12 @@ class Runner:
                 "which is what mlx-lm reads. Write it or pass it in config_overrides."
             )
         t0 = time.perf_counter()
-        self.model, _ = load(model_dir, model_config=overrides)
+        # The tokenizer loader reads config.json through transformers; a DeciLM config with llama3
+        # rope needs our config class for that (the generic fallback fails on it), hence
+        # trust_remote_code, as `mlx_lm.generate --trust-remote-code` gives it.
+        self.model, _ = load(
+            model_dir, model_config=overrides, tokenizer_config={"trust_remote_code": True}
+        )
         self.load_s = time.perf_counter() - t0
         self.mx, self.make_cache = mx, make_prompt_cache
         self.cache: list = []

@@ -305,6 +305,12 @@ def export(
             fmt,
             spec.sliding_window,
         )
+    if fmt == "decilm" and spec.head_dim * spec.num_attention_heads != spec.hidden_size:
+        log.warning(
+            "head_dim %d is not hidden_size / num_attention_heads: mlx-lm's DeciLM model assumes "
+            "it is and will fail to load this export (vLLM reads head_dim)",
+            spec.head_dim,
+        )
     job = Job(model, dtype, max_shard_bytes, tokenizer, config)
     with atomic.directory(out) as tmp:
         padding = FORMATS[fmt].write(job, str(tmp))
