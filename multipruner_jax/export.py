@@ -168,9 +168,15 @@ def _write_weights(
 
 
 def check_output(
-    out: str, overwrite: bool, flag: str = "--out", overwrite_flag: str = "--overwrite"
+    out: str,
+    overwrite: bool,
+    flag: str = "--out",
+    overwrite_flag: str = "--overwrite",
+    source: str | None = None,
 ) -> None:
-    """Raise ``FileExistsError`` unless ``out`` is absent, empty, or ``overwrite`` is set."""
+    """Raise ``FileExistsError`` unless ``out`` is absent, empty, or ``overwrite`` is set, and
+    ``ValueError`` when writing ``out`` would replace the checkpoint ``source`` it exports."""
+    atomic.check_writable_over(out, flag, source)
     if os.path.exists(out) and not os.path.isdir(out):
         raise FileExistsError(f"{flag}={out} exists and is not a directory")
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
@@ -304,7 +310,7 @@ def export_checkpoint(
     _check_options(fmt, dtype, max_shard_bytes)
     path = checkpoint.locate(path)
     spec = checkpoint.load_spec(path)
-    check_output(out, overwrite)
+    check_output(out, overwrite, source=path)
     tokenizer = os.path.join(path, checkpoint.TOKENIZER_DIR)
     export(
         checkpoint.restore(path),
