@@ -219,6 +219,11 @@ def _read(handle, t: _Target, dtype: jnp.dtype, sharding: jax.sharding.Sharding)
         if key not in cache:
             hf_index = index[::-1] if t.transpose else index
             x = tensor[hf_index]
+            if x.dtype.kind == "f" and not np.isfinite(x).all():
+                raise WeightsError(
+                    f"tensor {t.hf_name} holds non-finite values (inf or NaN); expected finite "
+                    "weights"
+                )
             cache[key] = (x.T if t.transpose else x).astype(dtype)
         return cache[key]
 

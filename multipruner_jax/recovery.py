@@ -389,6 +389,8 @@ def finetune(opts: FinetuneOptions, flags_text: str | None = None) -> dict[str, 
     same folder is refused while this one lives."""
     if not opts.output_path:
         raise ValueError("--output_path is required")
+    if os.path.exists(opts.output_path) and not os.path.isdir(opts.output_path):
+        raise ValueError(f"--output_path={opts.output_path} exists and is not a directory")
     owner = jax.process_index() == 0
     with (
         ownership.lock(opts.output_path, f"--output_path={opts.output_path}")

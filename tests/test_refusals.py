@@ -245,3 +245,33 @@ def test_the_table_names_a_local_perplexity_set(tmp_path):
     assert "wikitext2" in zeroshot.format_row({**row, "dataset": "wikitext2"})
     local = zeroshot.format_row({**row, "dataset": str(tmp_path / "sotu")})
     assert "wikitext2" not in local and "ppl " in local.splitlines()[0]
+
+
+def test_symlinked_or_file_outputs_are_refused_before_any_work(small_run, tmp_path):
+    from multipruner_jax import recovery
+
+    (tmp_path / "target").mkdir()
+    os.symlink(tmp_path / "target", tmp_path / "link")
+    with pytest.raises(ValueError, match="--out=.*link is a symbolic link"):
+        export.export_checkpoint(str(small_run), str(tmp_path / "link"), overwrite=True)
+    assert os.listdir(tmp_path / "target") == []
+    (tmp_path / "file").write_text("x")
+    options = recovery.FinetuneOptions(
+        model_path=str(small_run), output_path=str(tmp_path / "file")
+    )
+    with pytest.raises(ValueError, match="file exists and is not a directory"):
+        recovery.finetune(options)
+
+
+def test_non_finite_weights_are_one_sentence(tiny_model_dir, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    case = tmp_path / "hf"
+    shutil.copytree(tiny_model_dir, case)
+    tensors = load_file(str(case / "model.safetensors"))
+    name = "model.layers.1.mlp.up_proj.weight"
+    tensors[name] = tensors[name].copy()
+    tensors[name][0, 0] = np.inf
+    save_file(tensors, str(case / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(hf_io.WeightsError, match=f"tensor {name} holds non-finite values"):
+        hf_io.load_model(str(case))
