@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -54,7 +55,7 @@ def save(path: str, model: CausalLM, extra: dict[str, Any] | None = None, tokeni
     parameters); process 0 writes the rest.
     """
     shared = _shared(path) if jax.process_count() > 1 else None
-    with atomic.directory(path, shared) as tmp:
+    with atomic.directory(path, shared, incomplete=_incomplete) as tmp:
         if shared is None or shared.owner:
             atomic.write_json(tmp / SPEC_FILE, model.spec.to_dict())
             for name, obj in (extra or {}).items():
@@ -65,6 +66,13 @@ def save(path: str, model: CausalLM, extra: dict[str, Any] | None = None, tokeni
         checkpointer.save(tmp / PARAMS_DIR, nnx.to_pure_dict(nnx.state(model)))
         checkpointer.wait_until_finished()
         checkpointer.close()
+
+
+def _incomplete(folder: Path) -> str | None:
+    """What a freshly written checkpoint ``folder`` lacks (``None``: it is complete)."""
+    needed = [SPEC_FILE, *(f"{PARAMS_DIR}/{name}" for name in _COMPLETE)]
+    missing = [name for name in needed if not (folder / name).is_file()]
+    return f"{', '.join(missing)} missing" if missing else None
 
 
 def _shared(path: str) -> atomic.Shared:

@@ -53,7 +53,7 @@ ALPACA_PROMPT_WITH_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n{output}"
 )
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: keyed by the tokenizer's and the text files' content
 _ACCEPTED = (
     f"one of {', '.join(NAMED_SOURCES)}, or a path to a .txt file, a folder of .txt files, a "
     ".jsonl file (a 'text' field or Alpaca 'instruction'/'input'/'output' fields) or a datasets "
@@ -251,13 +251,37 @@ def _source_identity(source: str, wikitext2_path: str | None) -> dict:
     return {"kind": kind, "path": str(path.resolve()), "files": _file_stats(path)}
 
 
-def _file_stats(path: Path) -> list[tuple[str, int, int]]:
+def _file_stats(path: Path) -> list[tuple[str, int, str]]:
+    """Each file of ``path`` (a file or folder): its path, size and the sha256 of its content."""
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return [(str(p), p.stat().st_size, _sha256(p)) for p in files]
 
 
-def _tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str, int]:
-    return type(tokenizer).__name__, str(tokenizer.name_or_path), len(tokenizer)
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of what the tokenizer does: its serialized form (fast tokenizers: the whole
+    ``tokenizer.json``; others: the vocabulary), special tokens and BOS/EOS settings."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    form = (
+        backend.to_str()
+        if backend is not None
+        else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    )
+    settings = {
+        "class": type(tokenizer).__name__,
+        "size": len(tokenizer),
+        "special": {k: str(v) for k, v in tokenizer.special_tokens_map.items()},
+        "bos_eos": [str(getattr(tokenizer, k, None)) for k in ("add_bos_token", "add_eos_token")],
+    }
+    payload = form + json.dumps(settings, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def _cached(
@@ -272,15 +296,41 @@ def _cached(
     payload = json.dumps({"version": _CACHE_VERSION, **key}, sort_keys=True).encode()
     stem = f"{key['kind']}-{hashlib.sha256(payload).hexdigest()[:32]}"
     paths = [Path(cache_dir) / f"{stem}.{part}.npy" for part in parts]
+    atomic.remove_dead_temporaries(cache_dir)
     if all(p.is_file() for p in paths):
-        _log.info("token windows read from cache %s", paths[0].parent)
-        return tuple(np.load(p) for p in paths)
+        cached = _read_cached(paths, key["seqlen"])
+        if cached is not None:
+            _log.info("token windows read from cache %s", paths[0].parent)
+            return cached
     arrays = build()
     for path, array in zip(paths, arrays, strict=True):
         buffer = io.BytesIO()
         np.save(buffer, array)
         atomic.write_bytes(path, buffer.getvalue())
     return arrays
+
+
+def _read_cached(paths: list[Path], seqlen: int) -> tuple[np.ndarray, ...] | None:
+    """The cached windows, or ``None`` (with a warning; they are rebuilt) when a file cannot be
+    read or is not ``int32[rows, seqlen]``."""
+    arrays = []
+    for path in paths:
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as error:
+            _log.warning("token cache %s is unreadable (%s); rebuilding it", path, error)
+            return None
+        if array.dtype != np.int32 or array.ndim != 2 or array.shape[1] != seqlen:
+            _log.warning(
+                "token cache %s holds %s%s, not int32[rows, %d]; rebuilding it",
+                path,
+                array.dtype,
+                list(array.shape),
+                seqlen,
+            )
+            return None
+        arrays.append(array)
+    return tuple(arrays)
 
 
 def _decode(path: Path) -> str:

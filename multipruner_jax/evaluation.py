@@ -23,12 +23,22 @@ def eval_ignore_id(spec: ModelSpec) -> int | None:
     return eos[0] if isinstance(eos, tuple) else eos
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(path: str):
     """The tokenizer of an HF directory or of a checkpoint (saved in its ``tokenizer/``)."""
     from transformers import AutoTokenizer
 
     if checkpoint.is_checkpoint(path):
         path = os.path.join(path, checkpoint.TOKENIZER_DIR)
+    if os.path.isdir(path) and not any(
+        os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES
+    ):
+        raise FileNotFoundError(
+            f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); expected the "
+            "model's tokenizer files beside its config"
+        )
     return AutoTokenizer.from_pretrained(path)
 
 

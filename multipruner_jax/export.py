@@ -73,9 +73,15 @@ log = logging.getLogger(__name__)
 
 
 def check_output(
-    out: str, overwrite: bool, flag: str = "--out", overwrite_flag: str = "--overwrite"
+    out: str,
+    overwrite: bool,
+    flag: str = "--out",
+    overwrite_flag: str = "--overwrite",
+    source: str | None = None,
 ) -> None:
-    """Raise ``FileExistsError`` unless ``out`` is absent, empty, or ``overwrite`` is set."""
+    """Raise ``FileExistsError`` unless ``out`` is absent, empty, or ``overwrite`` is set, and
+    ``ValueError`` when writing ``out`` would replace the checkpoint ``source`` it exports."""
+    atomic.check_writable_over(out, flag, source)
     if os.path.exists(out) and not os.path.isdir(out):
         raise FileExistsError(f"{flag}={out} exists and is not a directory")
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
@@ -336,7 +342,7 @@ def export_checkpoint(
     path = checkpoint.locate(path)
     spec = checkpoint.load_spec(path)
     _check_options(fmt, dtype, max_shard_bytes, spec.model_type)
-    check_output(out, overwrite)
+    check_output(out, overwrite, source=path)
     tokenizer = os.path.join(path, checkpoint.TOKENIZER_DIR)
     return export(
         checkpoint.restore(path),

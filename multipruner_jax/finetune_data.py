@@ -185,7 +185,14 @@ def read_texts(source: str) -> list[str]:
         files = sorted(str(p) for p in path.glob("*.txt"))
     else:
         files = _glob_txt(source)
-    return [Path(f).read_text(encoding="utf-8") for f in files]
+    texts = []
+    for file in files:
+        try:
+            texts.append(Path(file).read_text(encoding="utf-8"))
+        except UnicodeDecodeError as error:
+            error.filename = file  # named in load_examples' message
+            raise
+    return texts
 
 
 # -- tokenization -----------------------------------------------------------------------------
@@ -233,10 +240,20 @@ def load_examples(
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token, which the fine-tuning data needs")
     kind = source_kind(source)
-    if kind == "records":
-        records = read_records(source)
-        return kind, [instruction_example(r, tokenizer, max_len) for r in records]
-    return kind, text_examples(read_texts(source), tokenizer, max_len)
+    try:
+        if kind == "records":
+            records = read_records(source)
+            examples = [instruction_example(r, tokenizer, max_len) for r in records]
+        else:
+            examples = text_examples(read_texts(source), tokenizer, max_len)
+    except UnicodeDecodeError as error:
+        where = getattr(error, "filename", None) or source
+        raise ValueError(
+            f"--data={where}: not UTF-8 text ({error.reason} at byte {error.start})"
+        ) from None
+    if not examples:
+        raise ValueError(f"--data={source}: holds no records; expected at least one")
+    return kind, examples
 
 
 def split_heldout(count: int, heldout: int, seed: int = 42) -> tuple[np.ndarray, np.ndarray]:

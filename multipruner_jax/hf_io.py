@@ -30,7 +30,7 @@ from models import decoder
 from models.decoder import CausalLM
 from models.hf_names import hf_name
 from models.spec import ModelSpec, load_hf_config
-from multipruner_jax import pruning_config
+from multipruner_jax import pruning_config, remote_code
 from multipruner_jax.mesh import ShardingFor
 
 CONFIG_FILE = "config.json"
@@ -71,8 +71,25 @@ def read_spec(path: str) -> ModelSpec:
     applied when present (a ``compact`` export)."""
     spec = read_dense_spec(path)
     config_file = os.path.join(path, pruning_config.FILE)
+    with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
+        layers = json.load(f).get(remote_code.LAYERS_KEY)
     if os.path.isfile(config_file):
         spec = pruning_config.to_spec(spec, pruning_config.load(config_file))
+        if layers is not None:
+            ours = remote_code.config_additions(spec)[remote_code.LAYERS_KEY]
+            differ = [i for i, (a, b) in enumerate(zip(ours, layers, strict=False)) if a != b]
+            if differ or len(ours) != len(layers):
+                first = differ[0] if differ else min(len(ours), len(layers))
+                raise WeightsError(
+                    f"{path}: {pruning_config.FILE} and {CONFIG_FILE}'s "
+                    f"{remote_code.LAYERS_KEY} describe different models (first at layer "
+                    f"{first}); expected a compact export whose two descriptions agree"
+                )
+    elif layers is not None:
+        raise WeightsError(
+            f"{path}: {CONFIG_FILE} lists {remote_code.LAYERS_KEY} (a compact export) but "
+            f"{pruning_config.FILE} is missing; expected both, as export_hf.py writes them"
+        )
     return spec
 
 
@@ -103,6 +120,7 @@ def load_model(
     flat = nnx.to_flat_state(state)
     targets = [_target(p, v.get_value().shape) for p, v in flat]
     sharding_for = sharding_for or _first_device
+    _check_all_used(path, spec, targets, files)
     with _open_all(files) as handles:
         _check_headers(targets, files, handles)
         values = [
@@ -152,6 +170,28 @@ def _open_all(files: dict[str, str]) -> Iterator[dict[str, object]]:
         yield handles
 
 
+def _check_all_used(
+    path: str, spec: ModelSpec, targets: list[_Target], files: dict[str, str]
+) -> None:
+    """Every tensor of the files is a parameter of ``spec`` (a tensor nothing reads means the
+    config describes another model than the weights). Rotary caches, and an LM head saved
+    beside tied embeddings, are the exceptions."""
+    used = {t.hf_name for t in targets}
+    unused = sorted(
+        name
+        for name in files
+        if name not in used
+        and not name.endswith("rotary_emb.inv_freq")
+        and not (name == "lm_head.weight" and spec.tie_word_embeddings)
+    )
+    if unused:
+        shown = ", ".join(unused[:4]) + (f" and {len(unused) - 4} more" if len(unused) > 4 else "")
+        raise WeightsError(
+            f"{path}: {len(unused)} tensors are not parameters of the model its config describes "
+            f"({shown}); expected weights that match {CONFIG_FILE} (and {pruning_config.FILE})"
+        )
+
+
 def _check_headers(targets: list[_Target], files: dict[str, str], handles: dict) -> None:
     """Every target tensor exists with the shape the spec implies (headers only, no data)."""
     for t in targets:
@@ -179,6 +219,11 @@ def _read(handle, t: _Target, dtype: jnp.dtype, sharding: jax.sharding.Sharding)
         if key not in cache:
             hf_index = index[::-1] if t.transpose else index
             x = tensor[hf_index]
+            if x.dtype.kind == "f" and not np.isfinite(x).all():
+                raise WeightsError(
+                    f"tensor {t.hf_name} holds non-finite values (inf or NaN); expected finite "
+                    "weights"
+                )
             cache[key] = (x.T if t.transpose else x).astype(dtype)
         return cache[key]
 

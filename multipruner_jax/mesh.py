@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -23,6 +25,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 AXES = ("candidate", "data", "model")
+_JAX_GRACE_S = 30  # JAX's own join timeout is this much later than ours, so ours reports first
 
 # Where to place each parameter: (our dotted path, e.g. "model.layers.3.mlp.up_proj.kernel",
 # shape) -> sharding. Loaders, surgery and checkpoints take one.
@@ -139,10 +142,15 @@ def initialize_distributed(
 
     Without a coordinator address JAX detects the cluster (Cloud TPU, SLURM, ...). CPU devices
     use Gloo collectives. Raises ``ValueError`` (one sentence) when no coordinator is given or
-    detected, or when a process other than 0 cannot reach it within ``timeout_s`` seconds.
-    Process 0 (which hosts the coordinator) and every process later fail within about
-    ``timeout_s`` seconds when another process never arrives or stops answering (JAX ends the
-    process with "the JAX distributed service detected fatal errors").
+    detected, when the address has no port, or when a process other than 0 cannot reach it
+    within ``timeout_s`` seconds. When the processes have not all joined after ``timeout_s``
+    seconds, this process prints one ``error:`` sentence and exits with status 1 (JAX itself
+    would abort with a C++ stack). Later, every process fails within about ``timeout_s``
+    seconds when another one stops answering (JAX ends the process with "the JAX distributed
+    service detected fatal errors").
+
+    Once joined, SIGTERM ends this process at once (JAX's preemption notifier would otherwise
+    take the signal and keep the process running).
     """
     if timeout_s <= 0:
         raise ValueError(f"--coordinator_timeout={timeout_s}: expected a positive count of seconds")
@@ -151,19 +159,34 @@ def initialize_distributed(
     if process_id is not None and not 0 <= process_id < (num_processes or process_id + 1):
         expected = f"0 to {num_processes - 1}" if num_processes else "at least 0"
         raise ValueError(f"--process_id={process_id}: expected {expected}")
+    if coordinator_address:
+        _host_port(coordinator_address)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if coordinator_address and process_id:
         _wait_for_coordinator(coordinator_address, timeout_s)
+    where = f"at {coordinator_address} " if coordinator_address else ""
+    watchdog = threading.Timer(
+        timeout_s,
+        _exit_with,
+        (
+            f"--distributed: the run {where}was not complete after --coordinator_timeout="
+            f"{timeout_s} s (process {process_id} of {num_processes} waited for the others); "
+            "start every process, with the same --num_processes and --coordinator_address",
+        ),
+    )
+    watchdog.daemon = True
+    watchdog.start()
     try:
         jax.distributed.initialize(
             coordinator_address=coordinator_address,
             num_processes=num_processes,
             process_id=process_id,
-            initialization_timeout=timeout_s,
+            initialization_timeout=timeout_s + _JAX_GRACE_S,
             heartbeat_timeout_seconds=timeout_s,
             shutdown_timeout_seconds=timeout_s,
         )
     except (ValueError, RuntimeError) as e:
+        watchdog.cancel()
         reason = " ".join(str(e).split()) or type(e).__name__
         if coordinator_address:
             raise ValueError(
@@ -175,17 +198,30 @@ def initialize_distributed(
             "--coordinator_address=host:port, --num_processes and --process_id, or run on a "
             f"Cloud TPU VM slice ({reason})"
         ) from None
+    watchdog.cancel()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _exit_with(message: str) -> None:
+    """Print ``error: message`` and end the process at once (from any thread)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--coordinator_address={address!r}: expected host:port")
+    return host, int(port)
 
 
 def _wait_for_coordinator(address: str, timeout_s: int) -> None:
     """Return once ``host:port`` accepts a TCP connection; ``ValueError`` after ``timeout_s``."""
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"--coordinator_address={address!r}: expected host:port")
+    host, port = _host_port(address)
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            with socket.create_connection((host, int(port)), timeout=1.0):
+            with socket.create_connection((host, port), timeout=1.0):
                 return
         except OSError as e:
             if time.monotonic() >= deadline:

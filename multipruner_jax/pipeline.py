@@ -13,10 +13,11 @@ Output directory layout (``output_path``):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import math
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from multipruner_jax import (
     export,
     hf_io,
     model_source,
+    ownership,
     pruning_config,
     search,
     surgery,
@@ -46,6 +48,9 @@ from multipruner_jax.scoring import MODES, Scorer, prefix_cache_bytes
 
 DTYPES = hf_io.DTYPES
 STATE_FILE = "search_state.json"
+CONFIGS_DIR = "pruned_model_configs"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -161,7 +166,7 @@ def check_options(opts: PruneOptions) -> Plan:
         export.check_output(
             opts.export_hf, opts.export_overwrite, "--export_hf", "--export_overwrite"
         )
-        _check_export_path(opts.export_hf, opts.output_path)
+        _check_export_path(opts.export_hf, opts.output_path, opts.model_path)
         if jax.process_count() > 1:
             raise ValueError("--export_hf runs in one process; export the checkpoint afterwards")
     if jax.process_count() > 1 and opts.scoring_mode != "layer":
@@ -173,7 +178,19 @@ def check_options(opts: PruneOptions) -> Plan:
         export.check_format(
             opts.export_format, opts.export_dtype, dense.model_type, "--export_format"
         )
+    if opts.seqlen > dense.max_position_embeddings:
+        log.warning(
+            "--seqlen=%d is above the model's max_position_embeddings (%d): positions past it "
+            "were never trained, so perplexities (and decisions) may not mean much",
+            opts.seqlen,
+            dense.max_position_embeddings,
+        )
     if opts.pruned_model_config_file:
+        if os.path.exists(os.path.join(opts.output_path, STATE_FILE)):
+            raise ValueError(
+                f"--output_path={opts.output_path} holds a search, whose checkpoint "
+                "--pruned_model_config_file would replace; choose another output path"
+            )
         config = pruning_config.load(opts.pruned_model_config_file)
         pruning_config.to_spec(dense, config)
         if config.get("weight_reorder", opts.weight_reorder) != opts.weight_reorder:
@@ -207,6 +224,9 @@ def _check_output_path(path: str) -> None:
         raise ValueError("--output_path is required")
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"--output_path={path} exists and is not a directory")
+    atomic.check_replaceable(
+        os.path.join(path, checkpoint.DIR), f"{os.path.join(path, checkpoint.DIR)} (the checkpoint)"
+    )
     existing = os.path.abspath(path)
     while not os.path.isdir(existing):
         existing = os.path.dirname(existing)
@@ -219,14 +239,20 @@ def _check_output_path(path: str) -> None:
     probe.cleanup()
 
 
-def _check_export_path(export_hf: str, output_path: str) -> None:
-    """The export may live inside ``--output_path`` but must not replace it or its checkpoint."""
+def _check_export_path(export_hf: str, output_path: str, model_path: str) -> None:
+    """The export may live inside ``--output_path`` but must not replace it or its checkpoint,
+    nor the model it reads."""
     out = os.path.realpath(output_path)
-    target = os.path.realpath(export_hf)
-    if target in (out, os.path.join(out, checkpoint.DIR)) or out.startswith(target + os.sep):
+    ckpt = os.path.join(out, checkpoint.DIR)
+    if atomic.replaces(export_hf, out) or atomic.overlaps(export_hf, ckpt):
         raise ValueError(
             f"--export_hf={export_hf} would replace --output_path={output_path} or its "
             "checkpoint; choose a folder of its own (inside the output path is fine)"
+        )
+    if os.path.exists(model_path) and atomic.overlaps(export_hf, model_path):
+        raise ValueError(
+            f"--export_hf={export_hf} would replace the model it is pruned from "
+            f"(--model_path={model_path}); choose a folder of its own"
         )
 
 
@@ -245,9 +271,12 @@ def _saved_state(opts: PruneOptions, dense: ModelSpec, settings: search.Settings
     try:
         saved = atomic.read_json(path)
         state = search.SearchState.from_dict(saved)
+        lacking = [k for k in IDENTITY_KEYS if saved["options"].get(k) is None]
+        if lacking:
+            raise ValueError(f"its options block lacks {', '.join(lacking)}")
         options = search_identity(saved["options"])
         search.replay(state, dense, settings)
-    except (ValueError, KeyError, TypeError, IndexError) as error:
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
         raise ValueError(
             f"--resume: {path} is not a valid search state ({type(error).__name__}: {error}); "
             "remove it to start afresh"
@@ -313,7 +342,7 @@ class _Outputs:
 
     def _step_config(self, step: search.Step) -> str:
         name = f"config.{step.stage}.{step.step}.json"
-        return os.path.join(self.out, "pruned_model_configs", name)
+        return os.path.join(self.out, CONFIGS_DIR, name)
 
     def final(self, config: dict[str, Any]) -> None:
         if self.writer:
@@ -356,6 +385,14 @@ class _Job:
         if self.eval_tokens is not None:
             self.summary["dense_ppl"] = self.perplexity(model)
             _say(opts, f"dense {opts.eval_dataset} perplexity: {self.summary['dense_ppl']:.4f}")
+            if not math.isfinite(self.summary["dense_ppl"]):
+                log.warning(
+                    "the dense model's %s perplexity is %s: its weights or --dtype=%s overflow, "
+                    "so the search compares meaningless scores",
+                    opts.eval_dataset,
+                    self.summary["dense_ppl"],
+                    opts.dtype,
+                )
         return model
 
     def perplexity(self, model: CausalLM) -> float:
@@ -368,12 +405,26 @@ def run(opts: PruneOptions, flags_text: str | None = None) -> dict[str, Any]:
     ``flags_text`` (the effective flags) is written to ``flags.txt`` with the first output.
     Raises ``TargetNotReached`` (after writing every output) when a stage ran out of candidates.
     """
+    _check_output_path(opts.output_path)
+    owner = jax.process_index() == 0
+    with (
+        ownership.lock(opts.output_path, f"--output_path={opts.output_path}")
+        if owner
+        else (contextlib.nullcontext())
+    ):
+        return _run(opts, flags_text)
+
+
+def _run(opts: PruneOptions, flags_text: str | None) -> dict[str, Any]:
+    """``run`` once this process owns the output folder."""
     plan = check_options(opts)
     t0 = time.perf_counter()
     ckpt = os.path.join(opts.output_path, checkpoint.DIR)
-    if jax.process_index() == 0:  # free a killed run's half-written checkpoint before the search
-        for stale in atomic.stale_siblings(ckpt):
-            shutil.rmtree(stale, ignore_errors=True)
+    if jax.process_index() == 0:  # what killed runs left: dead writes, an interrupted replace
+        with ownership.lock(ckpt):
+            atomic.recover(ckpt)
+        for folder in (opts.output_path, os.path.join(opts.output_path, CONFIGS_DIR)):
+            atomic.remove_dead_temporaries(folder)
     model_dir = model_source.resolve(opts.model_path)
     job = _Job(
         plan=plan,

@@ -31,20 +31,33 @@ process. Every file is written under a temporary name and renamed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import glob
 import math
 import os
+import shutil
 import sys
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from multipruner_jax import atomic, checkpoint, evaluation, finetune_data, hf_io, lora, model_source
+from multipruner_jax import (
+    atomic,
+    checkpoint,
+    evaluation,
+    finetune_data,
+    hf_io,
+    lora,
+    model_source,
+    ownership,
+)
 from multipruner_jax import mesh as mesh_lib
 from multipruner_jax.lora_trainer import Trainer, make_optimizer, make_schedule
 from multipruner_jax.progress import clock
@@ -56,6 +69,7 @@ LOG_FILE = "log.json"
 CHECKPOINTS_DIR = "checkpoints"
 BEST_DIR = "best"
 MERGED_DIR = "merged"
+_ORBAX_TMP = "*.orbax-checkpoint-tmp*"  # orbax's name for a save in progress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,6 +235,13 @@ class _Run:
         self.opts = opts
         self.path = os.path.abspath(opts.output_path)
         self.main = jax.process_index() == 0
+        # Which run this is: recorded in run.json and in every checkpoint it writes.
+        run_file = os.path.join(self.path, RUN_FILE)
+        self.run_id = atomic.read_json(run_file).get("run_id") if opts.resume else uuid.uuid4().hex
+        if self.main:  # saves that died half-way (this process owns the folder)
+            for folder in (CHECKPOINTS_DIR, BEST_DIR):
+                for stale in glob.glob(os.path.join(self.path, folder, _ORBAX_TMP)):
+                    shutil.rmtree(stale, ignore_errors=True)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=2, create=True, enable_async_checkpointing=False
         )
@@ -249,26 +270,50 @@ class _Run:
             "micro_batches": step * self.opts.grad_accum,
             "best_loss": None if math.isinf(self.best_loss) else self.best_loss,
             "best_step": self.best_step,
+            "run_id": self.run_id,
         }
-        self.checkpoints.save(
-            step,
-            args=ocp.args.Composite(
-                adapters=ocp.args.StandardSave(trainer.adapters),
-                opt_state=ocp.args.StandardSave(trainer.opt_state),
-                state=ocp.args.JsonSave(state),
-            ),
-        )
+        with self._saving(CHECKPOINTS_DIR, step):
+            self.checkpoints.save(
+                step,
+                args=ocp.args.Composite(
+                    adapters=ocp.args.StandardSave(trainer.adapters),
+                    opt_state=ocp.args.StandardSave(trainer.opt_state),
+                    state=ocp.args.JsonSave(state),
+                ),
+            )
         self.write_log()
+
+    @contextlib.contextmanager
+    def _saving(self, folder: str, step: int) -> Iterator[None]:
+        """An orbax save of update ``step`` into ``folder``: on failure its temporary folder is
+        removed and the error becomes one sentence naming the folder (a full disk, say)."""
+        try:
+            yield
+        except Exception as error:
+            if self.main:
+                for stale in glob.glob(os.path.join(self.path, folder, _ORBAX_TMP)):
+                    shutil.rmtree(stale, ignore_errors=True)
+            where = os.path.join(self.path, folder, str(step))
+            cause = _os_error(error)
+            if cause is not None:
+                raise OSError(cause.errno, cause.strerror, where) from None
+            raise ValueError(
+                f"{where}: the checkpoint could not be written ({type(error).__name__}: "
+                f"{' '.join(str(error).split())[:300]})"
+            ) from None
 
     def save_best(self, trainer: Trainer, step: int, loss: float) -> None:
         self.best_loss, self.best_step = loss, step
-        self.best.save(
-            step,
-            args=ocp.args.Composite(
-                adapters=ocp.args.StandardSave(trainer.adapters),
-                state=ocp.args.JsonSave({"step": step, "eval_loss": loss}),
-            ),
-        )
+        with self._saving(BEST_DIR, step):
+            self.best.save(
+                step,
+                args=ocp.args.Composite(
+                    adapters=ocp.args.StandardSave(trainer.adapters),
+                    state=ocp.args.JsonSave(
+                        {"step": step, "eval_loss": loss, "run_id": self.run_id}
+                    ),
+                ),
+            )
 
     def restore(self, trainer: Trainer) -> int:
         """Load the latest checkpoint into ``trainer``; returns its update count."""
@@ -286,8 +331,14 @@ class _Run:
                 state=ocp.args.JsonRestore(),
             ),
         )
-        trainer.load_state({"adapters": restored.adapters, "opt_state": restored.opt_state})
         state = restored.state
+        if state.get("run_id") != self.run_id:
+            raise ValueError(
+                f"--resume: {self.path}/{CHECKPOINTS_DIR}/{step} was written by another run "
+                f"(run {state.get('run_id')}, not {self.run_id} of {RUN_FILE}); remove it or "
+                "start afresh in another output path"
+            )
+        trainer.load_state({"adapters": restored.adapters, "opt_state": restored.opt_state})
         if state["micro_batches"] != step * self.opts.grad_accum:
             raise ValueError(f"{self.path}: checkpoint {step} has an inconsistent data position")
         self.best_loss = math.inf if state["best_loss"] is None else state["best_loss"]
@@ -302,6 +353,17 @@ class _Run:
     def close(self) -> None:
         self.checkpoints.close()
         self.best.close()
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    """The first ``OSError`` with an errno in ``error``'s chain of causes (orbax wraps them)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _evaluate(run: _Run, trainer: Trainer, data: _Data, step: int) -> None:
@@ -321,7 +383,24 @@ def _evaluate(run: _Run, trainer: Trainer, data: _Data, step: int) -> None:
 
 def finetune(opts: FinetuneOptions, flags_text: str | None = None) -> dict[str, Any]:
     """Run (or resume) the fine-tuning job; returns a summary (steps, first and best held-out
-    loss, the best update, compilations and, with ``--merge``, the merged checkpoint)."""
+    loss, the best update, compilations and, with ``--merge``, the merged checkpoint).
+
+    The run owns ``--output_path`` (``ownership.lock``) from start to end: a second run on the
+    same folder is refused while this one lives."""
+    if not opts.output_path:
+        raise ValueError("--output_path is required")
+    if os.path.exists(opts.output_path) and not os.path.isdir(opts.output_path):
+        raise ValueError(f"--output_path={opts.output_path} exists and is not a directory")
+    owner = jax.process_index() == 0
+    with (
+        ownership.lock(opts.output_path, f"--output_path={opts.output_path}")
+        if owner
+        else contextlib.nullcontext()
+    ):
+        return _finetune(opts, flags_text)
+
+
+def _finetune(opts: FinetuneOptions, flags_text: str | None) -> dict[str, Any]:
     check_options(opts)
     mesh = mesh_lib.make_mesh(mesh_lib.parse_mesh_shape(opts.mesh_shape, candidates=False))
     local = evaluation.resolve_model(opts.model_path)
@@ -353,6 +432,7 @@ def finetune(opts: FinetuneOptions, flags_text: str | None = None) -> dict[str, 
                 os.path.join(run.path, RUN_FILE),
                 {
                     "options": opts.identity(),
+                    "run_id": run.run_id,
                     "total_steps": data.total_steps,
                     "train_examples": data.train_examples,
                     "heldout_examples": data.heldout_examples,

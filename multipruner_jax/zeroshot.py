@@ -86,9 +86,12 @@ def format_tasks(zeroshot: dict) -> str:
 def format_row(result: dict) -> str:
     """The paper's row as a two-line table: parameters, WikiText-2 perplexity, each task's
     metric (percent) and their mean."""
-    head = [f"{'model':<30}", f"{'params':>13}", f"{'wikitext2':>9}"]
+    dataset = result.get("dataset", "wikitext2")
+    label = dataset if dataset == "wikitext2" else f"ppl {_tail(dataset, 20)}"
+    width = max(9, len(label))
+    head = [f"{'model':<30}", f"{'params':>13}", f"{label:>{width}}"]
     values = [f"{_tail(result['model'], 30):<30}", f"{result['params']:>13,}"]
-    values.append(f"{result['perplexity']:>9.2f}")
+    values.append(f"{result['perplexity']:>{width}.2f}")
     zeroshot = result.get("zeroshot")
     if zeroshot:
         for name, task in zeroshot["tasks"].items():

@@ -7,7 +7,7 @@ and with ``--merge`` folds the best adapters into a checkpoint that ``scripts/ev
 
 from absl import flags
 
-from multipruner_jax import cli, mesh, recovery
+from multipruner_jax import agreement, cli, mesh, recovery
 
 _D = recovery.FinetuneOptions
 flags.DEFINE_string("model_path", None, "Pruned checkpoint or HF directory.", required=True)
@@ -53,7 +53,9 @@ def main() -> None:
     if FLAGS.distributed:
         mesh.initialize_distributed()
     opts, flags_text = cli.options_from_flags(recovery.FinetuneOptions, __name__)
-    summary = recovery.finetune(opts, flags_text=flags_text)
+    with mesh.leave_on_error():
+        agreement.check_same_options(opts)
+        summary = recovery.finetune(opts, flags_text=flags_text)
     if not opts.quiet:
         print(
             f"fine-tuned {summary['steps']} updates: held-out loss {summary['initial_eval_loss']}"

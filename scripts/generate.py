@@ -12,11 +12,18 @@ flags.DEFINE_string(
     "prompt", "The history of the United States began", "Text to continue greedily."
 )
 flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate.")
+flags.DEFINE_bool(
+    "trust_remote_code",
+    False,
+    "Run the folder's Python code even when it is not our own modeling file.",
+)
 FLAGS = flags.FLAGS
 
 
 def main() -> None:
-    text = generation.greedy_continuation(FLAGS.model_path, FLAGS.prompt, FLAGS.max_new_tokens)
+    text = generation.greedy_continuation(
+        FLAGS.model_path, FLAGS.prompt, FLAGS.max_new_tokens, FLAGS.trust_remote_code
+    )
     print("load it with:\n" + generation.LOAD_SNIPPET.format(path=FLAGS.model_path))
     print(f"greedy continuation ({FLAGS.max_new_tokens} tokens) of {FLAGS.prompt!r}:")
     print(f"  {FLAGS.prompt}{text}")

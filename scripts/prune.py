@@ -2,7 +2,7 @@
 
 from absl import flags
 
-from multipruner_jax import cli, export, mesh, pipeline, scoring
+from multipruner_jax import agreement, cli, export, mesh, pipeline, scoring
 
 _D = pipeline.PruneOptions
 flags.DEFINE_string("model_path", None, "HF model directory or Hub id 'org/name'.", required=True)
@@ -93,6 +93,7 @@ def main() -> None:
         )
     opts, flags_text = cli.options_from_flags(pipeline.PruneOptions, __name__)
     with mesh.leave_on_error():
+        agreement.check_same_options(opts)
         pipeline.run(opts, flags_text=flags_text)
 
 

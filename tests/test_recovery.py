@@ -22,6 +22,7 @@ from models.spec import LayerSpec
 from multipruner_jax import (
     assets,
     checkpoint,
+    cli,
     data,
     evaluation,
     export,
@@ -471,3 +472,63 @@ def test_a_resumed_run_compares_paths_resolved(pruned_checkpoint, tmp_path, monk
     )
     assert relative.identity() == opts.identity()
     assert dataclasses.replace(opts, data="other.jsonl").identity() != opts.identity()
+
+
+# -- one run per output folder (issue 17) -------------------------------------------------------
+
+
+def test_a_second_run_on_a_live_runs_folder_is_refused(pruned_checkpoint, tmp_path):
+    from test_concurrency import _hold_lock
+
+    from multipruner_jax import ownership
+
+    out = tmp_path / "out"
+    holder = _hold_lock(out)
+    try:
+        with pytest.raises(ownership.FolderBusy, match=f"pid {holder.pid}"):
+            recovery.finetune(_opts(pruned_checkpoint, out))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not out.exists()
+
+
+def test_resume_refuses_the_state_of_another_run(script_run, pruned_checkpoint, tmp_path):
+    opts, _ = script_run
+    out = tmp_path / "out"
+    shutil.copytree(opts.output_path, out)
+    run = json.loads((out / recovery.RUN_FILE).read_text())
+    assert len(run["run_id"]) == 32
+    (out / recovery.RUN_FILE).write_text(json.dumps({**run, "run_id": "0" * 32}))
+    with pytest.raises(ValueError, match=r"checkpoints/6 was written by another run"):
+        recovery.finetune(_opts(pruned_checkpoint, out, resume=True, save_every=2))
+
+
+def test_a_failed_save_is_one_sentence_and_leaves_no_temporary_folder(
+    pruned_checkpoint, tmp_path, monkeypatch
+):
+    import errno
+
+    import orbax.checkpoint as ocp
+
+    out = tmp_path / "out"
+    stale = out / recovery.CHECKPOINTS_DIR / "9.orbax-checkpoint-tmp-1234"
+    stale.mkdir(parents=True)  # a killed run's save: removed when the next run starts
+    real_save = ocp.CheckpointManager.save
+
+    def full_disk(self, step, *args, **kwargs):
+        if "checkpoints" not in str(self.directory):
+            return real_save(self, step, *args, **kwargs)
+        (out / recovery.CHECKPOINTS_DIR / f"{step}.orbax-checkpoint-tmp-99").mkdir()
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as error:
+            raise RuntimeError("orbax: save failed") from error
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
+    with pytest.raises(OSError) as caught:
+        recovery.finetune(_opts(pruned_checkpoint, out))
+    assert cli.one_line(caught.value) == (
+        f"{out / recovery.CHECKPOINTS_DIR / '3'}: No space left on device"
+    )
+    assert os.listdir(out / recovery.CHECKPOINTS_DIR) == []

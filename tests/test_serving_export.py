@@ -335,7 +335,7 @@ def test_sentencepiece_vocabulary(tmp_path):
     assert vocab.types[-1] == gguf_vocab.TokenType.UNUSED
 
 
-def spm_tokenizer(tmp_path) -> "os.PathLike":
+def spm_tokenizer(tmp_path) -> os.PathLike:
     """A tiny SentencePiece BPE model (byte fallback, as Llama-2's) trained on the SOTU text."""
     import sentencepiece
 
