@@ -29,10 +29,18 @@ import contextlib
 import io
 import re
 import sys
-import time
 
 import numpy as np
-from runner_common import Arrays, Request, bench_ids, greedy_loop, load_request, parse_args, save
+from runner_common import (
+    Arrays,
+    Request,
+    bench_ids,
+    greedy_loop,
+    load_request,
+    parse_args,
+    save,
+    timed_rounds,
+)
 
 KV_LINE = re.compile(
     r"size = +([\d.]+) MiB \(.*cells.*\), K \(\w+\): +([\d.]+) MiB, V \(\w+\): +([\d.]+) MiB"
@@ -115,22 +123,12 @@ def bench(model: str, request: Request) -> Arrays:
         llm.eval([token])
         return last_logits()
 
-    prompt_s, decode_s = [], []
-    warmup = int(request.get("warmup", 1))
-    for r in range(warmup + int(request.get("repeats", 1))):
-        llm.reset()
-        t0 = time.perf_counter()
+    def prefill() -> np.ndarray:
         llm.eval(prompt)
-        t1 = time.perf_counter()
-        greedy_loop(last_logits(), step, n_decode + 1)  # n_decode eval steps after the prompt
-        t2 = time.perf_counter()
-        if r < warmup:
-            continue
-        prompt_s.append(t1 - t0)
-        decode_s.append(t2 - t1)
+        return last_logits()
+
     return {
-        "prompt_s": np.array(prompt_s),
-        "decode_s": np.array(decode_s),
+        **timed_rounds(request, llm.reset, prefill, step),
         "n_ctx": np.int64(llm.n_ctx()),
         **kv,
     }

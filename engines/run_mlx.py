@@ -28,7 +28,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-from runner_common import Arrays, Request, bench_ids, greedy_loop, load_request, parse_args, save
+from runner_common import (
+    Arrays,
+    Request,
+    bench_ids,
+    greedy_loop,
+    load_request,
+    parse_args,
+    save,
+    timed_rounds,
+)
 
 
 class Runner:
@@ -94,24 +103,15 @@ def check(runner: Runner, request: Request) -> Arrays:
 
 def bench(runner: Runner, request: Request) -> Arrays:
     """Prompt time (one forward of `prompt_tokens`) and greedy decode time, `repeats` times."""
-    n_prompt, n_decode = int(request["prompt_tokens"]), int(request["decode_tokens"])
+    n_prompt = int(request["prompt_tokens"])
     prompt = bench_ids(n_prompt, runner.vocab_size(), int(request.get("seed", 0)))
-    prompt_s, decode_s = [], []
-    warmup = int(request.get("warmup", 1))
-    for r in range(warmup + int(request.get("repeats", 1))):
-        runner.reset()
-        t0 = time.perf_counter()
-        last = runner.forward(prompt, last_only=True)[-1]
-        t1 = time.perf_counter()
-        greedy_loop(last, lambda t: runner.forward([t])[-1], n_decode + 1)
-        t2 = time.perf_counter()
-        if r < warmup:
-            continue
-        prompt_s.append(t1 - t0)
-        decode_s.append(t2 - t1)
     return {
-        "prompt_s": np.array(prompt_s),
-        "decode_s": np.array(decode_s),
+        **timed_rounds(
+            request,
+            runner.reset,
+            lambda: runner.forward(prompt, last_only=True)[-1],
+            lambda t: runner.forward([t])[-1],
+        ),
         "load_s": np.float64(runner.load_s),
     }
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -69,6 +70,29 @@ def greedy_loop(first_logits: np.ndarray, step: Callable[[int], np.ndarray], n: 
     while len(tokens) < n:
         tokens.append(int(np.argmax(step(tokens[-1]))))
     return tokens
+
+
+def timed_rounds(
+    request: Request,
+    reset: Callable[[], None],
+    prefill: Callable[[], np.ndarray],
+    step: Callable[[int], np.ndarray],
+) -> Arrays:
+    """Prompt and decode seconds of `warmup` untimed then `repeats` timed rounds: `reset()`,
+    `prefill() -> [vocab]` (the prompt's last logits), then `decode_tokens` greedy `step`s."""
+    prompt_s, decode_s = [], []
+    warmup = int(request.get("warmup", 1))
+    for r in range(warmup + int(request.get("repeats", 1))):
+        reset()
+        t0 = time.perf_counter()
+        last = prefill()
+        t1 = time.perf_counter()
+        greedy_loop(last, step, int(request["decode_tokens"]) + 1)
+        t2 = time.perf_counter()
+        if r >= warmup:
+            prompt_s.append(t1 - t0)
+            decode_s.append(t2 - t1)
+    return {"prompt_s": np.array(prompt_s), "decode_s": np.array(decode_s)}
 
 
 def save(path: str, arrays: Arrays) -> None:
