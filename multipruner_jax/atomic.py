@@ -116,6 +116,17 @@ def check_writable_over(out: str, flag: str, source: str | None = None) -> None:
         )
 
 
+@contextlib.contextmanager
+def naming(path: str | os.PathLike[str]) -> Iterator[None]:
+    """An ``OSError`` without a file name (a full disk, say) raised inside names ``path``."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno and not error.filename:
+            raise OSError(error.errno, os.strerror(error.errno), str(path)) from None
+        raise
+
+
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temporary sibling, then rename).
 
@@ -123,14 +134,13 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     path = Path(path).absolute()
     tmp = _sibling(path, _TMP)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "xb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException as error:
+        with naming(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "xb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+    except BaseException:
         tmp.unlink(missing_ok=True)
-        if isinstance(error, OSError) and error.errno and not error.filename:
-            raise OSError(error.errno, os.strerror(error.errno), str(path)) from None
         raise
 
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from models import rope
 from models.spec import ModelSpec
-from multipruner_jax import gguf_vocab
+from multipruner_jax import atomic, gguf_vocab
 from multipruner_jax.padding import Padding
 from multipruner_jax.tensor_files import by_name, model_tensors
 
@@ -232,15 +232,18 @@ def _metadata(w: gguf.GGUFWriter, spec: ModelSpec, plan: Layout, dtype: str, nam
         w.add_rope_scaling_factor(spec.rope.factor)
 
 
-def write(model: Any, folder: str, dtype: str, tokenizer: Any) -> Padding:
-    """Write ``folder/model.gguf`` and a README on how to run it; returns the padding."""
-    spec: ModelSpec = model.spec
-    vocab = gguf_vocab.read(tokenizer, spec.vocab_size)
-    plan, padding = layout(spec)
-    entries = _entries(model, plan)
-    path = os.path.join(folder, FILE_NAME)
+def _write_file(
+    path: str,
+    spec: ModelSpec,
+    plan: Layout,
+    entries: list[_Entry],
+    dtype: str,
+    vocab: gguf_vocab.Vocab,
+    name: str,
+) -> None:
+    """The GGUF file: metadata and tensor infos first, then the tensors one at a time."""
     w = gguf.GGUFWriter(path, arch=ARCH)
-    _metadata(w, spec, plan, dtype, os.path.basename(os.path.normpath(folder)))
+    _metadata(w, spec, plan, dtype, name)
     vocab.add_to(w)
     qtypes = [_qtype(e, dtype) for e in entries]
     for e, qtype in zip(entries, qtypes, strict=True):
@@ -259,6 +262,20 @@ def write(model: Any, folder: str, dtype: str, tokenizer: Any) -> Padding:
     for e, qtype in zip(entries, qtypes, strict=True):
         w.write_tensor_data(_encode(e.make(), qtype))
     w.close()
+
+
+def write(model: Any, folder: str, dtype: str, tokenizer: Any) -> Padding:
+    """Write ``folder/model.gguf`` and a README on how to run it; returns the padding."""
+    spec: ModelSpec = model.spec
+    vocab = gguf_vocab.read(tokenizer, spec.vocab_size)
+    plan, padding = layout(spec)
+    entries = _entries(model, plan)
+    path = os.path.join(folder, FILE_NAME)
+    with atomic.naming(path):
+        _write_file(
+            path, spec, plan, entries, dtype, vocab, os.path.basename(os.path.normpath(folder))
+        )
+    qtypes = [_qtype(e, dtype) for e in entries]
     fallbacks = sorted(
         {
             e.name.split(".")[-2]

@@ -23,6 +23,7 @@ from models import decoder
 from models.decoder import CausalLM
 from models.hf_names import hf_name
 from models.spec import dense_spec
+from multipruner_jax import atomic
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -122,7 +123,7 @@ def _write_safetensors(path: str, tensors: list[Tensor], dtype_name: str) -> Non
         offset = end
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
+    with atomic.naming(path), open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for t in tensors:

@@ -19,7 +19,17 @@ import torch
 import transformers
 
 from models.spec import LayerSpec, ModelSpec
-from multipruner_jax import assets, checkpoint, decilm, export, gguf_export, gguf_vocab, surgery
+from multipruner_jax import (
+    assets,
+    checkpoint,
+    cli,
+    decilm,
+    export,
+    gguf_export,
+    gguf_vocab,
+    surgery,
+    tensor_files,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = ("llama_mha", "llama_gqa", "mistral", "qwen2")
@@ -437,3 +447,23 @@ def test_sharded_decilm(tmp_path):
     )
     got = engine_schemas.decilm_logits(out, TOKENS)
     assert np.abs(got - jax_logits(model, TOKENS)).max() < TOL
+
+
+def test_a_full_disk_names_the_file(tmp_path, smollm2_tokenizer):
+    """ENOSPC (a real one: /dev/full) while writing a GGUF or safetensors file names the file."""
+    model = pruned("llama_gqa", vocab_size=SMOLLM2_VOCAB)
+    for name, write in (
+        ("model.gguf", lambda d: gguf_export.write(model, d, "float32", smollm2_tokenizer)),
+        (
+            "model.safetensors",
+            lambda d: tensor_files.write_safetensors(
+                d, tensor_files.model_tensors(model), "float32", 10**9
+            ),
+        ),
+    ):
+        folder = tmp_path / name.split(".")[1]
+        folder.mkdir()
+        (folder / name).symlink_to("/dev/full")
+        with pytest.raises(OSError) as caught:
+            write(str(folder))
+        assert cli.one_line(caught.value) == f"{folder / name}: No space left on device"
