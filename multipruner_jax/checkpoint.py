@@ -7,8 +7,12 @@ temporary name and renamed, so a crash never leaves a directory that looks compl
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +66,50 @@ def save(path: str, model: CausalLM, extra: dict[str, Any] | None = None, tokeni
                 atomic.write_json(tmp / name, obj)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(tmp / PARAMS_DIR, nnx.to_pure_dict(nnx.state(model)))
-        checkpointer.wait_until_finished()
-        checkpointer.close()
+        with orbax_errors(path):
+            checkpointer = ocp.StandardCheckpointer()
+            try:
+                checkpointer.save(tmp / PARAMS_DIR, nnx.to_pure_dict(nnx.state(model)))
+                checkpointer.wait_until_finished()
+            finally:
+                checkpointer.close()  # also on failure: no orbax thread outlives the save
+
+
+_OS_ERROR_CODE = re.compile(r"os_error_code='(\d+)'")
+
+
+def os_error(error: BaseException) -> OSError | None:
+    """The operating-system error behind ``error``: the first ``OSError`` with an errno in its
+    chain of causes, or the ``os_error_code`` that tensorstore writes into its messages."""
+    seen, current = set(), error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno:
+            return current
+        current = current.__cause__ or current.__context__
+    match = _OS_ERROR_CODE.search(str(error))
+    if match:
+        code = int(match.group(1))
+        return OSError(code, os.strerror(code))
+    return None
+
+
+@contextlib.contextmanager
+def orbax_errors(where: str | os.PathLike[str]) -> Iterator[None]:
+    """An orbax write whose failure is one ``OSError`` naming ``where`` (a full disk, say)
+    instead of orbax's logged tracebacks from its background threads."""
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    except Exception as error:
+        cause = os_error(error)
+        if cause is None:
+            raise
+        raise OSError(cause.errno, cause.strerror, str(where)) from None
+    finally:
+        absl_logger.setLevel(level)
 
 
 def _incomplete(folder: Path) -> str | None:

@@ -287,16 +287,16 @@ class _Run:
     def _saving(self, folder: str, step: int) -> Iterator[None]:
         """An orbax save of update ``step`` into ``folder``: on failure its temporary folder is
         removed and the error becomes one sentence naming the folder (a full disk, say)."""
+        where = os.path.join(self.path, folder, str(step))
         try:
-            yield
+            with checkpoint.orbax_errors(where):
+                yield
         except Exception as error:
             if self.main:
                 for stale in glob.glob(os.path.join(self.path, folder, _ORBAX_TMP)):
                     shutil.rmtree(stale, ignore_errors=True)
-            where = os.path.join(self.path, folder, str(step))
-            cause = _os_error(error)
-            if cause is not None:
-                raise OSError(cause.errno, cause.strerror, where) from None
+            if isinstance(error, OSError):
+                raise
             raise ValueError(
                 f"{where}: the checkpoint could not be written ({type(error).__name__}: "
                 f"{' '.join(str(error).split())[:300]})"
@@ -353,17 +353,6 @@ class _Run:
     def close(self) -> None:
         self.checkpoints.close()
         self.best.close()
-
-
-def _os_error(error: BaseException) -> OSError | None:
-    """The first ``OSError`` with an errno in ``error``'s chain of causes (orbax wraps them)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno:
-            return error
-        error = error.__cause__ or error.__context__
-    return None
 
 
 def _evaluate(run: _Run, trainer: Trainer, data: _Data, step: int) -> None:

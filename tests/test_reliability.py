@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -383,3 +384,25 @@ def test_atomic_writes_leave_nothing_behind_on_error(tmp_path):
         (tmp / "half").write_text("x")
         raise RuntimeError("interrupted")
     assert os.listdir(tmp_path) == []
+
+
+def test_orbax_write_errors_become_one_sentence_naming_the_checkpoint():
+    """tensorstore reports a full disk as a ValueError carrying the OS error code (seen on a
+    160 KB tmpfs); it becomes an OSError naming the checkpoint, and orbax's background-thread
+    error logs are silenced meanwhile."""
+    message = (
+        'RESOURCE_EXHAUSTED: Error writing "model.layers.0.mlp.down_proj.kernel/0.0" in OCDBT '
+        "database: Failed to write 352788 bytes to file 6: No space left on device "
+        "[os_error_code='28']"
+    )
+    absl_logger = logging.getLogger("absl")
+    before = absl_logger.level
+    with pytest.raises(OSError) as caught:
+        with checkpoint.orbax_errors("/out/run/checkpoint"):
+            assert absl_logger.level == logging.CRITICAL
+            raise ValueError(message)
+    assert cli.one_line(caught.value) == "/out/run/checkpoint: No space left on device"
+    assert absl_logger.level == before
+    with pytest.raises(KeyError):
+        with checkpoint.orbax_errors("/out/run/checkpoint"):
+            raise KeyError("not an OS error: unchanged")
