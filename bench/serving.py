@@ -1,6 +1,6 @@
 """Do pruned models run faster in the serving engines? SmolLM2 dense vs pruned, on this CPU.
 
-python bench/engines.py --pruning_configs=tests/data/smollm2_demo_pruning_config.json,\
+python bench/serving.py --pruning_configs=tests/data/smollm2_demo_pruning_config.json,\
 out/results/mp20/pruning_config.json [--rounds=5] [--threads=1] [--engines=llamacpp,vllm,mlx]
 
 Needs `make engines`. The dense SmolLM2-135M and each pruned model (the dense model cut by a
