@@ -56,7 +56,6 @@ from multipruner_jax import (
 from multipruner_jax.padding import Padding
 from multipruner_jax.tensor_files import (
     FILE_DTYPES,
-    INDEX_FILE,
     Tensor,
     dense_tensors,
     model_tensors,
@@ -159,7 +158,7 @@ def _write_hf(folder: str, job: Job, tensors: list[Tensor], config_json: dict[st
     _save_tokenizer(folder, job.tokenizer)
     index = write_safetensors(folder, tensors, job.dtype, job.max_shard_bytes)
     if index is not None:
-        atomic.write_json(os.path.join(folder, INDEX_FILE), index)
+        atomic.write_json(os.path.join(folder, hf_io.INDEX_FILE), index)
     atomic.write_json(os.path.join(folder, hf_io.CONFIG_FILE), config_json)
 
 

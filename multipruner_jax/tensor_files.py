@@ -24,9 +24,8 @@ from models.decoder import CausalLM
 from models.hf_names import hf_name
 from models.spec import dense_spec
 from multipruner_jax import atomic
+from multipruner_jax.hf_io import SINGLE_FILE
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 # The dtypes an export may write its floating-point tensors in (numpy dtypes of the files).
 FILE_DTYPES = {
     "float32": np.dtype(np.float32),
