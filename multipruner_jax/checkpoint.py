@@ -94,13 +94,17 @@ def os_error(error: BaseException) -> OSError | None:
     return None
 
 
+def _below_error(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR
+
+
 @contextlib.contextmanager
 def orbax_errors(where: str | os.PathLike[str]) -> Iterator[None]:
     """An orbax write whose failure is one ``OSError`` naming ``where`` (a full disk, say)
-    instead of orbax's logged tracebacks from its background threads."""
+    instead of the tracebacks orbax logs from its background threads: its error records are
+    dropped meanwhile (the error itself is raised), its other logs stay."""
     absl_logger = logging.getLogger("absl")
-    level = absl_logger.level
-    absl_logger.setLevel(logging.CRITICAL)
+    absl_logger.addFilter(_below_error)
     try:
         yield
     except Exception as error:
@@ -109,7 +113,7 @@ def orbax_errors(where: str | os.PathLike[str]) -> Iterator[None]:
             raise
         raise OSError(cause.errno, cause.strerror, str(where)) from None
     finally:
-        absl_logger.setLevel(level)
+        absl_logger.removeFilter(_below_error)
 
 
 def _incomplete(folder: Path) -> str | None:
