@@ -59,10 +59,14 @@ _DENSE_ONLY = (
 )
 
 
+def written_width(width: int) -> int:
+    """``width`` rounded up to the multiple of 256 the schema can express."""
+    return -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+
+
 def engine_width(ffn_mult: float, hidden: int) -> int:
     """The MLP width every DeciLM engine derives from ``ffn_mult``."""
-    width = int(2 * ffn_mult * hidden / 3)
-    return -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+    return written_width(int(2 * ffn_mult * hidden / 3))
 
 
 def ffn_mult(width: int, hidden: int) -> float:
@@ -76,6 +80,15 @@ def ffn_mult(width: int, hidden: int) -> float:
 def kv_slots(kept: int, heads: int) -> int:
     """KV heads written for ``kept`` KV groups: the smallest divisor of ``heads`` >= ``kept``."""
     return next(d for d in range(kept, heads + 1) if heads % d == 0)
+
+
+def written_kv_heads(spec: ModelSpec, i: int) -> int:
+    """KV heads written for layer ``i``: ``kv_slots`` of its kept groups; for a removed attention
+    block 0 (``no_op``), except in layer 0, which gets a zero attention with one KV head."""
+    layer = spec.layers[i]
+    if layer.has_attn:
+        return kv_slots(layer.kv_groups, spec.num_attention_heads)
+    return 1 if i == 0 else 0
 
 
 def _query_rows(spec: ModelSpec, kept: int, slots: int) -> np.ndarray:
@@ -106,8 +119,7 @@ def block_configs(spec: ModelSpec) -> list[dict[str, Any]]:
     heads, hidden = spec.num_attention_heads, spec.hidden_size
     entries = []
     for i, layer in enumerate(spec.layers):
-        attn_slots = kv_slots(layer.kv_groups, heads) if layer.has_attn else (1 if i == 0 else 0)
-        width = -(-layer.mlp_width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+        attn_slots = written_kv_heads(spec, i)
         entries.append(
             {
                 "attention": {
@@ -118,7 +130,9 @@ def block_configs(spec: ModelSpec) -> list[dict[str, Any]]:
                 "ffn": {
                     "no_op": not layer.has_mlp,
                     "replace_with_linear": False,
-                    "ffn_mult": ffn_mult(width, hidden) if layer.has_mlp else None,
+                    "ffn_mult": (
+                        ffn_mult(written_width(layer.mlp_width), hidden) if layer.has_mlp else None
+                    ),
                 },
             }
         )
@@ -148,11 +162,10 @@ def config(spec: ModelSpec, dtype: str) -> dict[str, Any]:
 
 def _attention(spec: ModelSpec, i: int, own: dict[str, Tensor], padding: Padding) -> list[Tensor]:
     """Layer ``i``'s norm and q/k/v/o tensors (nothing for a removed block above layer 0)."""
-    layer, p = spec.layers[i], f"model.layers.{i}."
-    if not layer.has_attn and i > 0:
+    layer, p, slots = spec.layers[i], f"model.layers.{i}.", written_kv_heads(spec, i)
+    if not slots:
         return []
     heads, dim, hidden = spec.num_attention_heads, spec.head_dim, spec.hidden_size
-    slots = kv_slots(layer.kv_groups, heads) if layer.has_attn else 1
     rows = _query_rows(spec, layer.kv_groups, slots) if layer.has_attn else None
 
     def place(name: str, shape: tuple[int, ...], index: Any = None) -> Tensor:
@@ -197,7 +210,7 @@ def _mlp(spec: ModelSpec, i: int, own: dict[str, Tensor], padding: Padding) -> l
     layer, p, hidden = spec.layers[i], f"model.layers.{i}.", spec.hidden_size
     if not layer.has_mlp:
         return []
-    width = -(-layer.mlp_width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+    width = written_width(layer.mlp_width)
     out = [own[p + "post_attention_layernorm.weight"]]
     for name in ("gate_proj", "up_proj", "down_proj"):
         src = own[f"{p}mlp.{name}.weight"]

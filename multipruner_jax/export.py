@@ -184,8 +184,26 @@ def _write_compact(job: Job, folder: str) -> Padding:
     return Padding()
 
 
+def _warn_window(spec: ModelSpec, fmt: str) -> None:
+    """The serving schemas carry no sliding window."""
+    if spec.sliding_window is not None:
+        log.warning(
+            "%s engines attend over the whole context: outputs equal the pruned model's only "
+            "within its sliding window of %d tokens",
+            fmt,
+            spec.sliding_window,
+        )
+
+
 def _write_decilm(job: Job, folder: str) -> Padding:
     spec = job.model.spec
+    _warn_window(spec, "decilm")
+    if spec.head_dim * spec.num_attention_heads != spec.hidden_size:
+        log.warning(
+            "head_dim %d is not hidden_size / num_attention_heads: mlx-lm's DeciLM model assumes "
+            "it is and will fail to load this export (vLLM reads head_dim)",
+            spec.head_dim,
+        )
     tensors, padding = decilm.tensors(job.model)
     _write_hf(folder, job, tensors, decilm.config(spec, job.dtype))
     for file in (remote_code.MODELING_FILE, *decilm.FILES):
@@ -194,6 +212,7 @@ def _write_decilm(job: Job, folder: str) -> Padding:
 
 
 def _write_gguf(job: Job, folder: str) -> Padding:
+    _warn_window(job.model.spec, "gguf")
     return gguf_export.write(job.model, folder, job.dtype, job.tokenizer)
 
 
@@ -303,19 +322,6 @@ def export(
     if config is not None and fmt != "compact":
         raise ValueError("a pruning config is only written with the compact format")
     check_output(out, overwrite)
-    if spec.sliding_window is not None and fmt in ("decilm", "gguf"):
-        log.warning(
-            "%s engines attend over the whole context: outputs equal the pruned model's only "
-            "within its sliding window of %d tokens",
-            fmt,
-            spec.sliding_window,
-        )
-    if fmt == "decilm" and spec.head_dim * spec.num_attention_heads != spec.hidden_size:
-        log.warning(
-            "head_dim %d is not hidden_size / num_attention_heads: mlx-lm's DeciLM model assumes "
-            "it is and will fail to load this export (vLLM reads head_dim)",
-            spec.head_dim,
-        )
     job = Job(model, dtype, max_shard_bytes, tokenizer, config)
     with atomic.directory(out) as tmp:
         padding = FORMATS[fmt].write(job, str(tmp))

@@ -134,8 +134,8 @@ def _entries(model: Any, plan: Layout) -> list[_Entry]:
 
         return make
 
-    def zeros(shape: tuple[int, ...]) -> Callable[[], np.ndarray]:
-        return lambda: np.zeros(shape, np.float32)
+    def zero(name: str, shape: tuple[int, ...]) -> _Entry:
+        return _Entry(name, shape, lambda: np.zeros(shape, np.float32))
 
     def entry(name: str, source: str, permute_heads: int | None = None) -> _Entry:
         return _Entry(name, tuple(own[source].shape), hf(source, permute_heads))
@@ -167,10 +167,10 @@ def _entries(model: Any, plan: Layout) -> list[_Entry]:
                 out.append(entry(b + "attn_output.bias", a + "o_proj.bias"))
         elif n_head:
             out += [
-                _Entry(b + "attn_q.weight", (dim, hidden), zeros((dim, hidden))),
-                _Entry(b + "attn_k.weight", (dim, hidden), zeros((dim, hidden))),
-                _Entry(b + "attn_v.weight", (dim, hidden), zeros((dim, hidden))),
-                _Entry(b + "attn_output.weight", (hidden, dim), zeros((hidden, dim))),
+                zero(b + "attn_q.weight", (dim, hidden)),
+                zero(b + "attn_k.weight", (dim, hidden)),
+                zero(b + "attn_v.weight", (dim, hidden)),
+                zero(b + "attn_output.weight", (hidden, dim)),
             ]
         if n_ff:
             out.append(entry(b + "ffn_norm.weight", p + "post_attention_layernorm.weight"))
@@ -183,9 +183,9 @@ def _entries(model: Any, plan: Layout) -> list[_Entry]:
             ]
         elif n_ff:
             out += [
-                _Entry(b + "ffn_gate.weight", (n_ff, hidden), zeros((n_ff, hidden))),
-                _Entry(b + "ffn_up.weight", (n_ff, hidden), zeros((n_ff, hidden))),
-                _Entry(b + "ffn_down.weight", (hidden, n_ff), zeros((hidden, n_ff))),
+                zero(b + "ffn_gate.weight", (n_ff, hidden)),
+                zero(b + "ffn_up.weight", (n_ff, hidden)),
+                zero(b + "ffn_down.weight", (hidden, n_ff)),
             ]
     out.append(entry("output_norm.weight", "model.norm.weight"))
     if "lm_head.weight" in own:
@@ -237,6 +237,7 @@ def _write_file(
     spec: ModelSpec,
     plan: Layout,
     entries: list[_Entry],
+    qtypes: list[gguf.GGMLQuantizationType],
     dtype: str,
     vocab: gguf_vocab.Vocab,
     name: str,
@@ -245,7 +246,6 @@ def _write_file(
     w = gguf.GGUFWriter(path, arch=ARCH)
     _metadata(w, spec, plan, dtype, name)
     vocab.add_to(w)
-    qtypes = [_qtype(e, dtype) for e in entries]
     for e, qtype in zip(entries, qtypes, strict=True):
         if qtype in (_Q.F32, _Q.F16):
             np_dtype = np.dtype(np.float32 if qtype == _Q.F32 else np.float16)
@@ -270,12 +270,11 @@ def write(model: Any, folder: str, dtype: str, tokenizer: Any) -> Padding:
     vocab = gguf_vocab.read(tokenizer, spec.vocab_size)
     plan, padding = layout(spec)
     entries = _entries(model, plan)
+    qtypes = [_qtype(e, dtype) for e in entries]
     path = os.path.join(folder, FILE_NAME)
     with atomic.naming(path):
-        _write_file(
-            path, spec, plan, entries, dtype, vocab, os.path.basename(os.path.normpath(folder))
-        )
-    qtypes = [_qtype(e, dtype) for e in entries]
+        name = os.path.basename(os.path.normpath(folder))
+        _write_file(path, spec, plan, entries, qtypes, dtype, vocab, name)
     fallbacks = sorted(
         {
             e.name.split(".")[-2]

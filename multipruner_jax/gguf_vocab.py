@@ -160,17 +160,13 @@ def _sentencepiece(folder: str, vocab_size: int) -> Vocab:
     tokens, types, scores = {}, {}, {}
     for i in range(sp.vocab_size()):
         tokens[i], scores[i] = sp.id_to_piece(i), sp.get_score(i)
-        types[i] = (
-            TokenType.UNKNOWN
-            if sp.is_unknown(i)
-            else TokenType.CONTROL
-            if sp.is_control(i)
-            else TokenType.UNUSED
-            if sp.is_unused(i)
-            else TokenType.BYTE
-            if sp.is_byte(i)
-            else TokenType.NORMAL
+        kinds = (
+            (sp.is_unknown, TokenType.UNKNOWN),
+            (sp.is_control, TokenType.CONTROL),
+            (sp.is_unused, TokenType.UNUSED),
+            (sp.is_byte, TokenType.BYTE),
         )
+        types[i] = next((kind for test, kind in kinds if test(i)), TokenType.NORMAL)
     added = os.path.join(folder, "tokenizer.json")
     if os.path.isfile(added):
         with open(added, encoding="utf-8") as f:

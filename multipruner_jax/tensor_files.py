@@ -76,20 +76,11 @@ def _params(model: CausalLM) -> dict[tuple, jax.Array]:
     return {path: var[...] for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-def model_tensors(model: CausalLM) -> list[Tensor]:
-    """The model's own tensors at their own shapes, in parameter order."""
-    return [
-        Tensor(name, x.shape[::-1] if transpose else x.shape, x, transpose)
-        for name, transpose, x in ((*hf_name(path), x) for path, x in _params(model).items())
-    ]
-
-
-def dense_tensors(model: CausalLM) -> list[Tensor]:
-    """Every tensor of the dense model ``model`` was cut from, the kept units in the corner and
-    every pruned unit zero (kept units are always a prefix, see ``surgery``)."""
+def _tensors(model: CausalLM, layout: CausalLM) -> list[Tensor]:
+    """Every tensor of ``layout``'s shapes, filled from ``model``'s parameters of the same path
+    (kept units are a prefix, see ``surgery``); zeros where ``model`` has none."""
     params = _params(model)
     tensors = []
-    layout = decoder.abstract(dense_spec(model.spec))
     for path, var in nnx.to_flat_state(nnx.state(layout, nnx.Param)):
         name, transpose = hf_name(path)
         shape = tuple(var.get_value().shape)
@@ -97,6 +88,17 @@ def dense_tensors(model: CausalLM) -> list[Tensor]:
             Tensor(name, shape[::-1] if transpose else shape, params.get(path), transpose)
         )
     return tensors
+
+
+def model_tensors(model: CausalLM) -> list[Tensor]:
+    """The model's own tensors at their own shapes, in parameter order."""
+    return _tensors(model, model)
+
+
+def dense_tensors(model: CausalLM) -> list[Tensor]:
+    """Every tensor of the dense model ``model`` was cut from, the kept units in the corner and
+    every pruned unit zero."""
+    return _tensors(model, decoder.abstract(dense_spec(model.spec)))
 
 
 def by_name(tensors: list[Tensor]) -> dict[str, Tensor]:
