@@ -12,6 +12,9 @@ import json
 import logging
 import os
 import re
+import sys
+import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -102,18 +105,75 @@ def _below_error(record: logging.LogRecord) -> bool:
 def orbax_errors(where: str | os.PathLike[str]) -> Iterator[None]:
     """An orbax write whose failure is one ``OSError`` naming ``where`` (a full disk, say)
     instead of the tracebacks orbax logs from its background threads: its error records are
-    dropped meanwhile (the error itself is raised), its other logs stay."""
+    dropped meanwhile (the error itself is raised), its other logs stay. When one write fails,
+    tensorstore's other writes still finish on their own threads, some after the error is
+    raised: their ``Event loop is closed`` tracebacks, asyncio's reports of failed tasks and its
+    warnings of coroutines never awaited are dropped for the rest of the process."""
     absl_logger = logging.getLogger("absl")
+    asyncio_logger = logging.getLogger("asyncio")
+    stderr = sys.stderr
     absl_logger.addFilter(_below_error)
+    asyncio_logger.addFilter(_not_late_task_log)
+    sys.stderr = _LateTracebackFilter(stderr)
+
+    def restore() -> None:
+        sys.stderr = stderr
+        absl_logger.removeFilter(_below_error)
+        asyncio_logger.removeFilter(_not_late_task_log)
+
     try:
         yield
     except Exception as error:
         cause = os_error(error)
         if cause is None:
+            restore()
             raise
+        warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
         raise OSError(cause.errno, cause.strerror, str(where)) from None
-    finally:
-        absl_logger.removeFilter(_below_error)
+    restore()
+
+
+_LATE_TRACEBACK_END = "RuntimeError: Event loop is closed"
+_LATE_LOG = "exception was never retrieved"  # asyncio's words for a failed Task or Future
+
+
+def _not_late_task_log(record: logging.LogRecord) -> bool:
+    """Not asyncio's report of a failed write's task, collected after the error was raised."""
+    return _LATE_LOG not in record.getMessage()
+
+
+class _LateTracebackFilter:
+    """A text stream that passes everything to ``stream`` except tracebacks (collected per
+    thread, from their first line to the exception line) that end in ``_LATE_TRACEBACK_END``:
+    tensorstore's callbacks print those when they find orbax's event loop already closed."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._held = threading.local()
+
+    def write(self, text: str) -> int:
+        held = getattr(self._held, "text", None)
+        if held is None and not text.startswith("Traceback (most recent call last)"):
+            return self._stream.write(text)
+        held = (held or "") + text
+        lines = held.splitlines(keepends=True)
+        end = next(
+            (i for i, line in enumerate(lines[1:], 1) if line.endswith("\n") and line[:1].strip()),
+            None,
+        )
+        if end is None:
+            self._held.text = held
+            return len(text)
+        self._held.text = None
+        if lines[end].strip() != _LATE_TRACEBACK_END:
+            self._stream.write("".join(lines[: end + 1]))
+        rest = "".join(lines[end + 1 :])
+        if rest:
+            self.write(rest)
+        return len(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 def _incomplete(folder: Path) -> str | None:

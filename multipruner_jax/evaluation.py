@@ -27,11 +27,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 
 def load_tokenizer(path: str):
-    """The tokenizer of an HF directory or of a checkpoint (saved in its ``tokenizer/``)."""
+    """The tokenizer of an HF directory or of a checkpoint (saved in its ``tokenizer/``),
+    refused when it has more tokens than the model's embedding has rows."""
     from transformers import AutoTokenizer
 
+    model_path = path
     if checkpoint.is_checkpoint(path):
+        spec = checkpoint.load_spec(path)
         path = os.path.join(path, checkpoint.TOKENIZER_DIR)
+    else:
+        spec = hf_io.read_spec(path)
     if os.path.isdir(path) and not any(
         os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES
     ):
@@ -39,7 +44,14 @@ def load_tokenizer(path: str):
             f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); expected the "
             "model's tokenizer files beside its config"
         )
-    return AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if len(tokenizer) > spec.vocab_size:
+        raise ValueError(
+            f"{path}: the tokenizer has {len(tokenizer):,} tokens but the model in {model_path} "
+            f"has vocab_size {spec.vocab_size:,}; expected the model's own tokenizer (ids past "
+            f"{spec.vocab_size - 1:,} have no embedding row)"
+        )
+    return tokenizer
 
 
 def resolve_model(path: str, weights: bool = True) -> str:

@@ -396,8 +396,10 @@ def search(
             ranks = dict(zip(cands, outcome.ppl, strict=True))
             winner = outcome.winner()
             if winner is None:
-                raise FloatingPointError(
-                    f"{stage} step {len(state.steps)}: no candidate has a finite score"
+                raise ValueError(
+                    f"{stage} step {len(state.steps)}: no candidate has a finite calibration "
+                    "perplexity: the model's activations overflow (inf or NaN) in its dtype; "
+                    "expected finite scores (try --dtype=float32)"
                 )
             best, best_ppl = cands[winner], outcome.ppl[winner]
             del cache

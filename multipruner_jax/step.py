@@ -136,7 +136,8 @@ def score_step(
             left[k] -= 1
             if left[k] == 0:
                 mean = float(np.mean(means[k]))
-                ppl[k] = float(np.exp(mean))
+                with np.errstate(over="ignore"):  # an overflowing model scores inf
+                    ppl[k] = float(np.exp(mean))
                 if mean < best_mean:
                     best_mean, best_ppl = mean, min(best_ppl, ppl[k])
                 finish(group)

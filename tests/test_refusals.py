@@ -275,3 +275,37 @@ def test_non_finite_weights_are_one_sentence(tiny_model_dir, tmp_path):
     save_file(tensors, str(case / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(hf_io.WeightsError, match=f"tensor {name} holds non-finite values"):
         hf_io.load_model(str(case))
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused_before_loading(tiny_model_dir, tmp_path):
+    """Ids past the embedding gather no row (JAX fills NaN): before, the search ended in
+    "block step 0: no candidate has a finite score" with a traceback."""
+    model = tmp_path / "model"
+    tiny_models.save_hf_model(str(model), "llama_gqa", vocab_size=97)
+    for name in os.listdir(tiny_model_dir):
+        if name.startswith("tokenizer") or name == "special_tokens_map.json":
+            shutil.copy(os.path.join(tiny_model_dir, name), model)
+    message = (
+        f"{model}: the tokenizer has 300 tokens but the model in {model} has vocab_size 97; "
+        "expected the model's own tokenizer"
+    )
+    with pytest.raises(ValueError, match=message):
+        pipeline.run(_opts(str(model), tmp_path / "out", target_ratio=5.0))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_whose_every_candidate_overflows_is_one_sentence(tiny_model_dir, tmp_path):
+    """Finite weights whose logits overflow every perplexity (an lm_head scaled by 1e30) end
+    the search in one sentence naming the cause (before: a FloatingPointError traceback)."""
+    import torch
+
+    model = tmp_path / "model"
+    hf = tiny_models.hf_model("llama_mha", vocab_size=300)
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(1e30)
+    hf.save_pretrained(model)
+    for name in os.listdir(tiny_model_dir):
+        if name.startswith("tokenizer") or name == "special_tokens_map.json":
+            shutil.copy(os.path.join(tiny_model_dir, name), model)
+    with pytest.raises(ValueError, match="block step 0: no candidate has a finite calibration"):
+        pipeline.run(_opts(str(model), tmp_path / "out", target_ratio=5.0))

@@ -7,14 +7,18 @@ traceback. Runs that must be refused are checked to leave no output folder behin
 from __future__ import annotations
 
 import errno
+import io
 import json
 import logging
 import os
 import re
+import resource
 import shutil
+import signal
 import stat
 import subprocess
 import sys
+import threading
 
 import orbax.checkpoint as ocp
 import pytest
@@ -386,7 +390,7 @@ def test_atomic_writes_leave_nothing_behind_on_error(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_orbax_write_errors_become_one_sentence_naming_the_checkpoint():
+def test_orbax_write_errors_become_one_sentence_naming_the_checkpoint(monkeypatch):
     """tensorstore reports a full disk as a ValueError carrying the OS error code (seen on a
     160 KB tmpfs); it becomes an OSError naming the checkpoint, and orbax's background-thread
     error logs are silenced meanwhile."""
@@ -396,14 +400,88 @@ def test_orbax_write_errors_become_one_sentence_naming_the_checkpoint():
         "[os_error_code='28']"
     )
     absl_logger = logging.getLogger("absl")
+    asyncio_logger = logging.getLogger("asyncio")
+    for logger in (absl_logger, asyncio_logger):  # restored after the test
+        monkeypatch.setattr(logger, "filters", list(logger.filters))
+    monkeypatch.setattr(sys, "stderr", sys.stderr)
     error = logging.LogRecord("absl", logging.ERROR, __file__, 1, "thread failed", None, None)
+    late = logging.LogRecord(
+        "asyncio", logging.ERROR, __file__, 1, "Future exception was never retrieved", None, None
+    )
     info = logging.LogRecord("absl", logging.INFO, __file__, 1, "saving", None, None)
     with pytest.raises(OSError) as caught:
         with checkpoint.orbax_errors("/out/run/checkpoint"):
             assert not absl_logger.filter(error) and absl_logger.filter(info)
             raise ValueError(message)
     assert cli.one_line(caught.value) == "/out/run/checkpoint: No space left on device"
-    assert absl_logger.filter(error)
+    # The failed write's other threads finish later: their reports stay dropped.
+    assert not absl_logger.filter(error) and not asyncio_logger.filter(late)
+    monkeypatch.undo()
+    assert absl_logger.filter(error) and asyncio_logger.filter(late)
+    with checkpoint.orbax_errors("/out/run/checkpoint"):
+        pass  # a write that succeeds leaves every filter as it was
+    assert absl_logger.filter(error) and asyncio_logger.filter(late)
     with pytest.raises(KeyError):
         with checkpoint.orbax_errors("/out/run/checkpoint"):
             raise KeyError("not an OS error: unchanged")
+
+
+def test_late_event_loop_tracebacks_are_dropped_and_others_pass():
+    """tensorstore's callbacks print "Event loop is closed" tracebacks from their own threads,
+    in pieces and interleaved with other output; exactly those are dropped."""
+    out = io.StringIO()
+    stream = checkpoint._LateTracebackFilter(out)
+    late = [
+        "Traceback (most recent call last):\n",
+        '  File "base_events.py", line 806, in call_soon_threadsafe\n',
+        "    self._check_closed()\n",
+        "RuntimeError: Event loop is closed\n",
+    ]
+    other = "Traceback (most recent call last):\n  File \"x.py\", line 1\nKeyError: 'a'\n"
+
+    def write_late():  # the header in one write (as Python writes it), the rest in pieces
+        for _ in range(50):
+            stream.write(late[0])
+            for piece in late[1:]:
+                stream.write(piece[:5])
+                stream.write(piece[5:])
+
+    threads = [threading.Thread(target=write_late) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    stream.write("error: /out/run/checkpoint: No space left on device\n")
+    for thread in threads:
+        thread.join()
+    stream.write(other + "partial")
+    assert out.getvalue() == (
+        "error: /out/run/checkpoint: No space left on device\n" + other + "partial"
+    )
+
+
+def test_a_real_write_failure_in_the_prune_checkpoint_prints_one_line(tiny_model_dir, tmp_path):
+    """A real OS error inside tensorstore's writes (a file-size limit: the tiny model's orbax
+    data files exceed 10 kB, every other file of the run stays below) ends the run with one
+    line, no traceback and no temporary folder (before: 6-28 tracebacks around the line)."""
+    out = tmp_path / "run"
+    flags = tiny_models.prune_flags(_opts(tiny_model_dir, out, target_ratio=5.0, mesh_shape="1,1"))
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, 10_000))
+
+    done = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "prune.py"), *flags],
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        preexec_fn=limit_file_size,
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert done.stderr == f"error: {out / checkpoint.DIR}: File too large\n"
+    assert sorted(os.listdir(out)) == [
+        "flags.txt",
+        "log.json",
+        "pruned_model_configs",
+        "pruning_config.json",
+        "search_state.json",
+    ]
