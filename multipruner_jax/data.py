@@ -29,16 +29,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from multipruner_jax import atomic
+from multipruner_jax import assets, atomic
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 NAMED_SOURCES = ("alpaca", "wikitext2", "c4", "ptb")
 WIKITEXT2_ENV = "MULTIPRUNER_WIKITEXT2"
-DEFAULT_WIKITEXT2 = (
-    Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw/wiki.test.rows.jsonl"
-)
 # sha256 of "\n\n".join(rows) for the 4,358-row wikitext-2-raw-v1 test split (1,294,336 chars).
 WIKITEXT2_TEST_SHA256 = "696cca6b65a171b0a358a4be6732cdfdf2dd6164a32e20fd70e3c13fc4dfae83"
 
@@ -142,7 +139,8 @@ def evaluation_windows(
     ``"wikitext2"`` is the ``wikitext-2-raw-v1`` test split (all 4,358 rows, empty ones included,
     joined with ``"\\n\\n"``). It is read from a local ``wiki.test.rows.jsonl`` when one is given
     (``wikitext2_path`` or ``$MULTIPRUNER_WIKITEXT2``) or when the hub is offline or unreachable
-    (then from ``DEFAULT_WIKITEXT2``); local copies are checked against the split's sha256.
+    (then the copy ``install_wikitext2`` put in the assets folder); local copies are checked
+    against the split's sha256.
     A local path evaluates all of its records.
     """
     check_source(source, evaluation=True)
@@ -400,17 +398,31 @@ def _wikitext2_override(wikitext2_path: str | None) -> Path | None:
 
 def _load_wikitext2(wikitext2_path: str | None) -> list[str]:
     local = _wikitext2_override(wikitext2_path)
+    installed = assets.wikitext2_file()
     if local is None and not hub_offline():
         try:
             return list(_hub_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", "test")["text"])
         except HubUnavailable as error:
-            _log.warning("%s; reading the local copy %s", error, DEFAULT_WIKITEXT2)
-    local = local or DEFAULT_WIKITEXT2
+            _log.warning("%s; reading the local copy %s", error, installed)
+    local = local or installed
     if not local.is_file():
         raise FileNotFoundError(
-            f"WikiText-2 test rows {local} not found; set ${WIKITEXT2_ENV} or pass "
-            "wikitext2_path to a wiki.test.rows.jsonl"
+            f"WikiText-2 test rows {local} not found (the hub is offline or unreachable); "
+            f"expected ${WIKITEXT2_ENV} naming the split's wiki.test.rows.jsonl, or a copy "
+            "installed by scripts/prepare_assets.py --wikitext2=FILE"
         )
+    return _checked_wikitext2(local)
+
+
+def install_wikitext2(source: str | os.PathLike[str], root: str | None = None) -> str:
+    """Copy the WikiText-2 test rows ``source`` (checked) to the assets folder; a line saying so."""
+    final = assets.wikitext2_file(root)
+    _checked_wikitext2(Path(source))
+    atomic.write_bytes(final, Path(source).read_bytes())
+    return f"WikiText-2 test split: {final} (from {source})"
+
+
+def _checked_wikitext2(local: Path) -> list[str]:
     rows = _read_jsonl(local)
     digest = hashlib.sha256("\n\n".join(rows).encode("utf-8")).hexdigest()
     if digest != WIKITEXT2_TEST_SHA256:

@@ -8,6 +8,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+from conftest import SHARED_WIKITEXT2
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -197,18 +198,27 @@ def test_evaluation_windows_of_a_local_source(numbered_txt, tokenizer):
 
 def test_wikitext2_local_split(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.delenv(data.WIKITEXT2_ENV, raising=False)
-    rows = data.load_records("wikitext2")
+    rows = data.load_records("wikitext2")  # $MULTIPRUNER_WIKITEXT2: the copy beside the checkout
     joined = "\n\n".join(rows)
     assert len(rows) == 4358 and rows[0] == ""
     assert len(joined) == 1_294_336
     assert hashlib.sha256(joined.encode()).hexdigest() == data.WIKITEXT2_TEST_SHA256
-    assert data.load_records(str(data.DEFAULT_WIKITEXT2)) == rows
+
+    # Without the variable, offline: only a copy installed in the assets folder is read.
+    monkeypatch.delenv(data.WIKITEXT2_ENV)
+    monkeypatch.setenv(assets.ASSETS_ENV, str(tmp_path / "assets"))
+    with pytest.raises(FileNotFoundError, match="prepare_assets.py --wikitext2=FILE"):
+        data.load_records("wikitext2")
+    assert data.install_wikitext2(SHARED_WIKITEXT2).startswith("WikiText-2 test split: ")
+    assert data.load_records("wikitext2") == rows
 
     fake = tmp_path / "wiki.test.rows.jsonl"
     fake.write_text(json.dumps({"text": "not wikitext"}) + "\n")
     with pytest.raises(ValueError, match="is not the wikitext-2-raw-v1 test split"):
         data.load_records("wikitext2", wikitext2_path=str(fake))
+    with pytest.raises(ValueError, match="is not the wikitext-2-raw-v1 test split"):
+        data.install_wikitext2(fake, str(tmp_path / "other"))
+    assert not (tmp_path / "other").exists()
     monkeypatch.setenv(data.WIKITEXT2_ENV, str(fake))
     with pytest.raises(ValueError, match="is not the wikitext-2-raw-v1 test split"):
         data.load_records("wikitext2")

@@ -7,7 +7,6 @@ the WikiText-2 test split give both the logit comparison and the perplexity comp
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,13 +14,11 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import SHARED_WIKITEXT2
 from flax import nnx
 
 from multipruner_jax import assets, hf_io
 
-WIKITEXT_ROWS = (
-    Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw/wiki.test.rows.jsonl"
-)
 WINDOWS, WINDOW = 4, 512
 
 
@@ -36,7 +33,7 @@ def model_dir() -> str:
 @pytest.fixture(scope="module")
 def tokens(model_dir: str) -> np.ndarray:
     """``int32[4, 512]``: the first 2048 tokens of ``"\\n\\n".join(rows)``, cut into windows."""
-    with open(WIKITEXT_ROWS) as f:
+    with open(SHARED_WIKITEXT2) as f:
         text = "\n\n".join(json.loads(line)["text"] for line in f)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     ids = tokenizer(text)["input_ids"]
