@@ -5,15 +5,21 @@ resumed refinement ends where an uninterrupted one does."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tiny_models
 
 from models.spec import count_params, pruned_ratio
-from multipruner_jax import near_ties, refine, search, surgery
+from multipruner_jax import near_ties, pipeline, refine, search, surgery
 from multipruner_jax.scoring import Scorer
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILY = "llama_mha"
 SETTINGS = search.Settings(
     target_ratio=30.0, distribution=(0.44, 0.52, 0.04), mlp_group=32, attn_group=16
@@ -107,9 +113,7 @@ def test_resume_in_the_middle_of_refinement_ends_the_same(greedy):
     dense_model, dense, spec, _ = greedy
     _, whole = _run(greedy)
     assert len(whole.moves) >= 2
-    cut = refine.RefineState.from_dict(
-        {"moves": [dataclasses.asdict(m) for m in whole.moves[:1]]}
-    )
+    cut = refine.RefineState.from_dict({"moves": [dataclasses.asdict(m) for m in whole.moves[:1]]})
     model, resumed = _run(greedy, state=cut)
     assert [m.describe() for m in resumed.moves] == [m.describe() for m in whole.moves]
     assert [m.ppl for m in resumed.moves] == [m.ppl for m in whole.moves]
@@ -134,3 +138,94 @@ def test_near_ties_are_rescored_on_every_row():
     tied = _greedy(dataclasses.replace(SETTINGS, near_tie=0.05))
     assert all(s.near_ties == 0 for s in base.steps)
     assert any(s.near_ties > 1 for s in tied[3].steps)
+
+
+class _Killed(Exception):
+    pass
+
+
+def _opts(model_dir, out, **kw):
+    return tiny_models.prune_options(
+        model_dir, out, **{"refine": True, "refine_cross_kind": True, **kw}
+    )
+
+
+@pytest.fixture(scope="module")
+def refined_run(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("refined")
+    return out, pipeline.run(_opts(tiny_model_dir, out))
+
+
+def test_the_job_writes_refined_and_greedy_configs_logs_and_the_picture(refined_run):
+    out, summary = refined_run
+    assert summary["refine"]["moves"] >= 1 and summary["ratio"] >= 30.0
+    log = json.loads((out / "log.json").read_text())["steps"]
+    moves = [s for s in log if s["pruning_target"] == "refine"]
+    assert len(moves) == summary["refine"]["moves"]
+    assert [s["step"] for s in log] == list(range(len(log)))
+    greedy = json.loads((out / "pruning_config.greedy.json").read_text())
+    final = json.loads((out / "pruning_config.json").read_text())
+    assert greedy != final
+    assert json.loads(Path(moves[-1]["config_save_to"]).read_text()) == final
+    assert (out / "report.svg").stat().st_size > 0 and (out / "report.png").stat().st_size > 0
+
+
+def test_resume_in_the_middle_of_the_refining_job(
+    refined_run, tiny_model_dir, tmp_path, monkeypatch
+):
+    out, summary = refined_run
+    original = pipeline._Outputs.on_move
+
+    def dying(self, refined, model):
+        original(self, refined, model)
+        raise _Killed
+
+    monkeypatch.setattr(pipeline._Outputs, "on_move", dying)
+    with pytest.raises(_Killed):
+        pipeline.run(_opts(tiny_model_dir, tmp_path, report=False))
+    saved = json.loads((tmp_path / "search_state.json").read_text())
+    assert len(saved["refine"]["moves"]) == 1
+    monkeypatch.setattr(pipeline._Outputs, "on_move", original)
+    with pytest.raises(ValueError, match="pass --refine"):
+        pipeline.check_options(tiny_models.prune_options(tiny_model_dir, tmp_path, resume=True))
+    pipeline.run(_opts(tiny_model_dir, tmp_path, resume=True, report=False))
+    for name in ("pruning_config.json", "pruning_config.greedy.json"):
+        assert (tmp_path / name).read_text() == (out / name).read_text()
+
+    def decisions(path):
+        moves = json.loads((path / "search_state.json").read_text())["refine"]["moves"]
+        return [(m["restore_layer"], m["remove_layer"], m["remove_stage"], m["ppl"]) for m in moves]
+
+    assert decisions(tmp_path) == decisions(out)
+
+
+def test_refine_flags_are_checked_before_loading(tiny_model_dir, tmp_path):
+    for change, message in (
+        (dict(refine=False, refine_cross_kind=False, refine_budget="50"), "need --refine"),
+        (dict(refine_budget="ten"), "--refine_budget='ten'"),
+        (dict(near_tie_margin=-0.1), "--near_tie_margin=-0.1"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            pipeline.check_options(_opts(tiny_model_dir, tmp_path / "x", **change))
+
+
+def test_report_script_draws_runs_and_refuses_other_folders(refined_run, tmp_path):
+    out, _ = refined_run
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    script = os.path.join(REPO, "scripts", "report.py")
+    pic = tmp_path / "cmp"
+    done = subprocess.run(
+        [sys.executable, script, f"--run={out}", f"--run={out}", f"--out={pic}"],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "cmp.svg").read_text().lstrip().startswith("<?xml")
+    assert (tmp_path / "cmp.png").read_bytes()[:4] == b"\x89PNG"
+    bad = subprocess.run(
+        [sys.executable, script, f"--run={tmp_path}"], env=env, capture_output=True, text=True
+    )
+    assert bad.returncode != 0
+    assert bad.stderr.strip().splitlines() == [
+        f"error: --run={tmp_path} is not a prune run folder (it has no pruning_config.json); "
+        "pass the --output_path of a prune.py run"
+    ]
