@@ -146,7 +146,7 @@ class _Killed(Exception):
 
 def _opts(model_dir, out, **kw):
     return tiny_models.prune_options(
-        model_dir, out, **{"refine": True, "refine_cross_kind": True, **kw}
+        model_dir, out, **{"refine": True, "refine_cross_kind": True, "report": True, **kw}
     )
 
 
