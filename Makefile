@@ -75,10 +75,12 @@ test-engines: assets engines
 # --refine (a resumed copy of the greedy run, so only the refinement is computed), then WikiText-2
 # (whole test split) and the five zero-shot tasks at --limit=500 into each run's eval.json, and
 # one comparison picture. Starts afresh (replaces out/smollm2_r20_*). For a smoke test on another
-# model: R20_OUT=/tmp/r20 PRUNE_EXTRA="--model_path=... ..." EVAL_EXTRA="--windows=2 --tasks=".
+# model: R20_OUT=/tmp/r20 PRUNE_EXTRA="--model_path=... ..." EVAL_EXTRA="--windows=2 --tasks="
+# (REFINE_EXTRA: flags of the refine run only, e.g. --refine_budget=...).
 R20_OUT ?= out
 R20_RUNS := block greedy refine
 PRUNE_EXTRA ?=
+REFINE_EXTRA ?=
 EVAL_EXTRA ?= --limit=500
 R20_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
@@ -89,7 +91,7 @@ measure-r20: assets
 	    --output_path=$(R20_OUT)/smollm2_r20_$$r $(PRUNE_EXTRA) || exit 1; done
 	cp -r $(R20_OUT)/smollm2_r20_greedy $(R20_OUT)/smollm2_r20_refine
 	$(R20_ENV) $(BIN)/python scripts/prune.py --flagfile=configs/smollm2_135m_r20_refine.flags \
-	  --output_path=$(R20_OUT)/smollm2_r20_refine --resume $(PRUNE_EXTRA)
+	  --output_path=$(R20_OUT)/smollm2_r20_refine --resume $(PRUNE_EXTRA) $(REFINE_EXTRA)
 	for r in $(R20_RUNS); do \
 	  $(R20_ENV) $(BIN)/python scripts/evaluate.py --model_path=$(R20_OUT)/smollm2_r20_$$r \
 	    --output_json=$(R20_OUT)/smollm2_r20_$$r/eval.json $(EVAL_EXTRA) || exit 1; done
