@@ -8,7 +8,11 @@ Output directory layout (``output_path``):
 * ``pruned_model_configs/config.{block|mlp_width|attn_head}.{step}.json``: the config after each
   step; ``pruning_config.json``: the final config (reference schema + ``weight_reorder``);
 * ``log.json``: one record per step (reference keys plus timings and compile counts);
-* ``checkpoint/``: the pruned model (orbax params + ``spec.json`` + tokenizer).
+* ``checkpoint/``: the pruned model (orbax params + ``spec.json`` + tokenizer);
+* with ``--refine`` (``refine.py``): ``pruning_config.greedy.json`` (the greedy result),
+  ``config.refine.{n}.json`` after each accepted move, the moves in ``log.json`` and in the
+  search state (``"refine"``), and ``pruning_config.json`` the refined configuration;
+* ``report.svg``/``report.png``: the picture of the run (``report.py``, unless ``--noreport``).
 """
 
 from __future__ import annotations
