@@ -610,7 +610,7 @@ def _search(job: _Job, settings: search.Settings):
         f"of {opts.seqlen} tokens from {opts.calibration_dataset}",
     )
     model = job.load_dense()
-    dense_model = model
+    dense_model = model if opts.refine else None  # refinement shrinks it again; else let go
     sets = [("block", block_tokens), ("width", width_tokens)]
     if opts.refine or opts.near_tie_margin:  # every calibration row: the larger objective
         sets.append(("all", np.concatenate([block_tokens, width_tokens])))
