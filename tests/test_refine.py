@@ -16,6 +16,7 @@ import pytest
 import tiny_models
 
 from models.spec import count_params, pruned_ratio
+from multipruner_jax import mesh as mesh_lib
 from multipruner_jax import near_ties, pipeline, refine, search, surgery
 from multipruner_jax.scoring import Scorer
 
@@ -107,6 +108,15 @@ def test_refinement_improves_keeps_the_ratio_and_ignores_the_bound(greedy):
         assert m.ratio >= pruned_ratio(spec, dense) >= SETTINGS.target_ratio
     assert pruned_ratio(bounded_model.spec, dense) >= SETTINGS.target_ratio
     assert bounded.moves[-1].ppl == pytest.approx(_scorer().perplexity(bounded_model), rel=1e-5)
+
+
+def test_moves_side_by_side_on_the_candidate_axis_take_the_same_decisions(greedy):
+    dense_model, dense, spec, _ = greedy
+    _, one = _run(greedy)
+    mesh = mesh_lib.make_mesh((4, 1, 1))
+    wide = Scorer(tiny_models.tokens(6, 16, seed=3), ignore_id=3, batch_size=2, mesh=mesh)
+    _, four = refine.refine(dense_model, spec, dense, wide, SETTINGS)
+    assert [(m.describe(), m.ppl) for m in four.moves] == [(m.describe(), m.ppl) for m in one.moves]
 
 
 def test_resume_in_the_middle_of_refinement_ends_the_same(greedy):
