@@ -283,7 +283,7 @@ def refine(
         t0, compiles = time.perf_counter(), scorer.compiles.count
         cache = scorer.prefix_cache(model) if settings.prefix_cache else None
         before = score_current(scorer, model, cache)
-        best, best_ppl, rows, scored = None, before, 0, 0
+        best, best_ppl, rows = None, before, 0
         for restored, group in itertools.groupby(todo, key=lambda move: move[0]):
             removals = [k for _, k in group]
             grown = surgery.shrink(dense_model, restore(spec, restored, settings), sharding_for)
