@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 ASSETS ?= .assets
 STAMP := $(VENV)/.installed
 
-.PHONY: install assets test test-engines demo lint bench engines
+.PHONY: install assets test test-engines demo lint bench engines measure-r20
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -75,3 +75,30 @@ engines: $(ENGINES_VENV)/.installed $(VLLM_VENV)/.installed
 test-engines: assets engines
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
 	  $(BIN)/python -m pytest tests/engines
+
+# Issue 19's measurement (SmolLM2-135M at 20 %, RESULTS.md): block-only, greedy, and greedy +
+# --refine (a resumed copy of the greedy run, so only the refinement is computed), then WikiText-2
+# (whole test split) and the five zero-shot tasks at --limit=500 into each run's eval.json, and
+# one comparison picture. Starts afresh (replaces out/smollm2_r20_*). For a smoke test on another
+# model: R20_OUT=/tmp/r20 PRUNE_EXTRA="--model_path=... ..." EVAL_EXTRA="--windows=2 --tasks="
+# (REFINE_EXTRA: flags of the refine run only, e.g. --refine_budget=...).
+R20_OUT ?= out
+R20_RUNS := block greedy refine
+PRUNE_EXTRA ?=
+REFINE_EXTRA ?=
+EVAL_EXTRA ?= --limit=500
+R20_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+
+measure-r20: assets
+	rm -rf $(foreach r,$(R20_RUNS),$(R20_OUT)/smollm2_r20_$(r))
+	for r in block greedy; do \
+	  $(R20_ENV) $(BIN)/python scripts/prune.py --flagfile=configs/smollm2_135m_r20_$$r.flags \
+	    --output_path=$(R20_OUT)/smollm2_r20_$$r $(PRUNE_EXTRA) || exit 1; done
+	cp -r $(R20_OUT)/smollm2_r20_greedy $(R20_OUT)/smollm2_r20_refine
+	$(R20_ENV) $(BIN)/python scripts/prune.py --flagfile=configs/smollm2_135m_r20_refine.flags \
+	  --output_path=$(R20_OUT)/smollm2_r20_refine --resume $(PRUNE_EXTRA) $(REFINE_EXTRA)
+	for r in $(R20_RUNS); do \
+	  $(R20_ENV) $(BIN)/python scripts/evaluate.py --model_path=$(R20_OUT)/smollm2_r20_$$r \
+	    --output_json=$(R20_OUT)/smollm2_r20_$$r/eval.json $(EVAL_EXTRA) || exit 1; done
+	$(BIN)/python scripts/report.py $(foreach r,$(R20_RUNS),--run=$(R20_OUT)/smollm2_r20_$(r)) \
+	  --out=$(R20_OUT)/smollm2_r20_compare

@@ -8,7 +8,11 @@ Output directory layout (``output_path``):
 * ``pruned_model_configs/config.{block|mlp_width|attn_head}.{step}.json``: the config after each
   step; ``pruning_config.json``: the final config (reference schema + ``weight_reorder``);
 * ``log.json``: one record per step (reference keys plus timings and compile counts);
-* ``checkpoint/``: the pruned model (orbax params + ``spec.json`` + tokenizer).
+* ``checkpoint/``: the pruned model (orbax params + ``spec.json`` + tokenizer);
+* with ``--refine`` (``refine.py``): ``pruning_config.greedy.json`` (the greedy result),
+  ``config.refine.{n}.json`` after each accepted move, the moves in ``log.json`` and in the
+  search state (``"refine"``), and ``pruning_config.json`` the refined configuration;
+* ``report.svg``/``report.png``: the picture of the run (``report.py``, unless ``--noreport``).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from multipruner_jax import (
     model_source,
     ownership,
     pruning_config,
+    refine,
     search,
     surgery,
 )
@@ -48,6 +53,7 @@ from multipruner_jax.scoring import MODES, Scorer, prefix_cache_bytes
 
 DTYPES = hf_io.DTYPES
 STATE_FILE = "search_state.json"
+GREEDY_CONFIG = "pruning_config.greedy.json"
 CONFIGS_DIR = "pruned_model_configs"
 
 log = logging.getLogger(__name__)
@@ -85,6 +91,11 @@ class PruneOptions:
     export_format: str = "compact"
     export_dtype: str = "float32"
     export_overwrite: bool = False
+    near_tie_margin: float = 0.0
+    refine: bool = False
+    refine_budget: str = ""
+    refine_cross_kind: bool = False
+    report: bool = True
     quiet: bool = False
 
     def search_identity(self) -> dict[str, Any]:
@@ -95,8 +106,11 @@ class PruneOptions:
 IDENTITY_KEYS = (
     "model_path weight_reorder target_ratio pruning_distribution mlp_channel_group_size "
     "attn_channel_group_size calibration_dataset num_calibration_samples_block "
-    "num_calibration_samples_width seqlen seed dtype"
+    "num_calibration_samples_width seqlen seed dtype near_tie_margin"
 ).split()
+# Identity keys added later: a state saved before them had their default.
+IDENTITY_DEFAULTS: dict[str, Any] = {"near_tie_margin": 0.0}
+REFINE_KEYS = ("refine_cross_kind",)  # what resumed refine moves must share
 
 
 def search_identity(options: dict[str, Any]) -> dict[str, Any]:
@@ -104,12 +118,12 @@ def search_identity(options: dict[str, Any]) -> dict[str, Any]:
     local paths made absolute, the distribution normalised, numbers as numbers."""
     identity = {}
     for key in IDENTITY_KEYS:
-        value = options.get(key)
+        value = options.get(key, IDENTITY_DEFAULTS.get(key))
         if key in ("model_path", "calibration_dataset") and isinstance(value, str):
             value = model_source.canonical(value)
         elif key == "pruning_distribution" and isinstance(value, str):
             value = list(search.parse_distribution(value))
-        elif key == "target_ratio" and isinstance(value, int | float):
+        elif key in ("target_ratio", "near_tie_margin") and isinstance(value, int | float):
             value = float(value)
         identity[key] = value
     return identity
@@ -125,6 +139,8 @@ class Plan:
     settings: search.Settings | None  # None: apply ``config``
     config: dict[str, Any] | None
     state: search.SearchState  # the steps a resumed search replays
+    refine_state: refine.RefineState | None = None  # the moves a resumed refinement replays
+    budget: refine.Budget = refine.Budget()
 
 
 def check_options(opts: PruneOptions) -> Plan:
@@ -144,6 +160,18 @@ def check_options(opts: PruneOptions) -> Plan:
     for name in ("num_calibration_samples_block", "num_calibration_samples_width"):
         if getattr(opts, name) <= 0:
             raise ValueError(f"--{name}={getattr(opts, name)}: expected a positive count")
+    if not (math.isfinite(opts.near_tie_margin) and opts.near_tie_margin >= 0):
+        raise ValueError(
+            f"--near_tie_margin={opts.near_tie_margin}: expected a relative margin >= 0 "
+            "(0.01 = within 1 % of the best)"
+        )
+    budget = refine.parse_budget(opts.refine_budget)
+    if (opts.refine_budget or opts.refine_cross_kind) and not opts.refine:
+        raise ValueError("--refine_budget and --refine_cross_kind need --refine")
+    if opts.pruned_model_config_file and (opts.refine or opts.near_tie_margin):
+        raise ValueError(
+            "--refine and --near_tie_margin change a search; --pruned_model_config_file runs none"
+        )
     if opts.eval_windows < -1:
         raise ValueError(f"--eval_windows={opts.eval_windows}: expected -1 (all), 0 or a count")
     mesh_shape = mesh_lib.parse_mesh_shape(opts.mesh_shape)
@@ -207,10 +235,12 @@ def check_options(opts: PruneOptions) -> Plan:
         attn_group=opts.attn_channel_group_size,
         prefix_cache=opts.prefix_cache,
         bound=opts.bound,
+        near_tie=opts.near_tie_margin,
     )
     search.check_targets(dense, settings)
     data.check_source(opts.calibration_dataset)
-    return Plan(opts, dense, mesh_shape, settings, None, _saved_state(opts, dense, settings))
+    state, refine_state = _saved_state(opts, dense, settings)
+    return Plan(opts, dense, mesh_shape, settings, None, state, refine_state, budget)
 
 
 def _check_choice(flag: str, value: str, choices) -> None:
@@ -265,17 +295,24 @@ def _saved_state(opts: PruneOptions, dense: ModelSpec, settings: search.Settings
                 f"--output_path={opts.output_path} already holds a search; pass --resume to "
                 "continue it or choose another output path"
             )
-        return search.SearchState()
+        return search.SearchState(), None
     if not os.path.isfile(path):
         raise ValueError(f"--resume: {path} does not exist; nothing to resume")
     try:
         saved = atomic.read_json(path)
         state = search.SearchState.from_dict(saved)
-        lacking = [k for k in IDENTITY_KEYS if saved["options"].get(k) is None]
+        lacking = [
+            k for k in IDENTITY_KEYS if saved["options"].get(k, IDENTITY_DEFAULTS.get(k)) is None
+        ]
         if lacking:
             raise ValueError(f"its options block lacks {', '.join(lacking)}")
         options = search_identity(saved["options"])
-        search.replay(state, dense, settings)
+        greedy = search.replay(state, dense, settings)
+        saved_refine = saved.get("refine")
+        refine_state = None
+        if saved_refine is not None:
+            refine_state = refine.RefineState.from_dict(saved_refine)
+            refine.replay(refine_state, greedy, dense, settings)
     except (ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
         raise ValueError(
             f"--resume: {path} is not a valid search state ({type(error).__name__}: {error}); "
@@ -285,7 +322,19 @@ def _saved_state(opts: PruneOptions, dense: ModelSpec, settings: search.Settings
     diff = {k: (options[k], now[k]) for k in IDENTITY_KEYS if options[k] != now[k]}
     if diff:
         raise ValueError(f"--resume: the saved search used other options (saved, now): {diff}")
-    return state
+    if refine_state is not None and refine_state.moves:
+        if not opts.refine:
+            raise ValueError(
+                f"--resume: {path} holds {len(refine_state.moves)} refine moves; pass --refine "
+                "to continue them, or remove the file to search afresh"
+            )
+        now = {k: getattr(opts, k) for k in REFINE_KEYS}
+        if saved_refine.get("options") != now:
+            raise ValueError(
+                f"--resume: the saved refinement used other options (saved, now): "
+                f"{saved_refine.get('options')}, {now}"
+            )
+    return state, refine_state
 
 
 def _say(opts: PruneOptions, text: str) -> None:
@@ -304,25 +353,43 @@ class _Outputs:
         self.plan, self.flags_text = plan, flags_text
         self.out = plan.opts.output_path
         self.writer = jax.process_index() == 0
+        self.greedy = plan.state
+        self.refined: refine.RefineState | None = plan.refine_state
 
     def started(self) -> None:
         if self.writer and self.flags_text is not None:
             atomic.write_text(os.path.join(self.out, "flags.txt"), self.flags_text)
 
-    def search_config(self, state: search.SearchState) -> dict[str, Any]:
+    def search_config(
+        self, state: search.SearchState, refined: refine.RefineState | None = None
+    ) -> dict[str, Any]:
+        """The reference schema after ``state``'s steps (and ``refined``'s moves)."""
+        settings = self.plan.settings
+        spec = search.replay(state, self.plan.dense, settings)
         attn, mlp = search.removal_orders(state)
+        if refined is not None:
+            spec = refine.replay(refined, spec, self.plan.dense, settings)
+            attn, mlp = refine.removal_orders(state, refined)
         return pruning_config.from_spec(
-            search.replay(state, self.plan.dense, self.plan.settings),
-            attn_order=attn,
-            mlp_order=mlp,
-            weight_reorder=self.plan.opts.weight_reorder,
+            spec, attn_order=attn, mlp_order=mlp, weight_reorder=self.plan.opts.weight_reorder
         )
 
     def on_step(self, state: search.SearchState, model: CausalLM) -> None:
-        if not self.writer:
-            return
-        last = state.steps[-1]
-        atomic.write_json(self._step_config(last), self.search_config(state))
+        self.greedy = state
+        if self.writer:
+            atomic.write_json(self._step_config(state.steps[-1]), self.search_config(state))
+            self._write_state()
+
+    def on_move(self, refined: refine.RefineState, model: CausalLM) -> None:
+        self.refined = refined
+        if self.writer:
+            path = self._move_config(refined.moves[-1])
+            atomic.write_json(path, self.search_config(self.greedy, refined))
+            self._write_state()
+
+    def _write_state(self) -> None:
+        """``log.json`` and ``search_state.json`` for the greedy steps and refine moves so far."""
+        state, refined = self.greedy, self.refined
         log = [
             {
                 "step": s.step,
@@ -334,15 +401,37 @@ class _Outputs:
             }
             for s in state.steps
         ]
+        saved = {"options": self.plan.opts.search_identity(), **state.to_dict()}
+        if refined is not None:
+            log += [
+                {
+                    "step": len(state.steps) + m.step,
+                    "pruning_target": "refine",
+                    "importance": m.ppl,
+                    "ratio": m.ratio,
+                    "config_save_to": self._move_config(m),
+                    "stage": "refine",
+                    "move": m.step,
+                    **{k: v for k, v in dataclasses.asdict(m).items() if k != "step"},
+                }
+                for m in refined.moves
+            ]
+            options = {k: getattr(self.plan.opts, k) for k in REFINE_KEYS}
+            saved["refine"] = {"options": options, **refined.to_dict()}
         atomic.write_json(os.path.join(self.out, "log.json"), {"steps": log})
-        atomic.write_json(
-            os.path.join(self.out, STATE_FILE),
-            {"options": self.plan.opts.search_identity(), **state.to_dict()},
-        )
+        atomic.write_json(os.path.join(self.out, STATE_FILE), saved)
 
     def _step_config(self, step: search.Step) -> str:
         name = f"config.{step.stage}.{step.step}.json"
         return os.path.join(self.out, CONFIGS_DIR, name)
+
+    def _move_config(self, move: refine.Move) -> str:
+        return os.path.join(self.out, CONFIGS_DIR, f"config.refine.{move.step}.json")
+
+    def greedy_config(self, config: dict[str, Any]) -> None:
+        """The greedy result beside the refined one (``pruning_config.greedy.json``)."""
+        if self.writer:
+            atomic.write_json(os.path.join(self.out, GREEDY_CONFIG), config)
 
     def final(self, config: dict[str, Any]) -> None:
         if self.writer:
@@ -469,6 +558,12 @@ def _run(opts: PruneOptions, flags_text: str | None) -> dict[str, Any]:
         )
         summary["export_hf"] = opts.export_hf
     summary["seconds"] = time.perf_counter() - t0
+    if opts.report and jax.process_index() == 0:
+        from multipruner_jax import report  # matplotlib loads only here
+
+        summary["report"] = report.draw(
+            [report.load_run(opts.output_path)], os.path.join(opts.output_path, "report")
+        )
     if steps:
         _say(opts, summary_table(steps))
     _say(opts, format_summary(summary))
@@ -515,6 +610,10 @@ def _search(job: _Job, settings: search.Settings):
         f"of {opts.seqlen} tokens from {opts.calibration_dataset}",
     )
     model = job.load_dense()
+    dense_model = model if opts.refine else None  # refinement shrinks it again; else let go
+    sets = [("block", block_tokens), ("width", width_tokens)]
+    if opts.refine or opts.near_tie_margin:  # every calibration row: the larger objective
+        sets.append(("all", np.concatenate([block_tokens, width_tokens])))
     scorers = {
         name: Scorer(
             tokens,
@@ -524,10 +623,13 @@ def _search(job: _Job, settings: search.Settings):
             token_chunk=opts.token_chunk,
             mode=opts.scoring_mode,
         )
-        for name, tokens in (("block", block_tokens), ("width", width_tokens))
+        for name, tokens in sets
     }
     settings = dataclasses.replace(
-        settings, prefix_cache=_use_prefix_cache(opts, job.plan.dense, block_tokens, job.mesh)
+        settings,
+        prefix_cache=_use_prefix_cache(
+            opts, job.plan.dense, dict(sets).get("all", block_tokens), job.mesh
+        ),
     )
     model, state = search.search(
         model,
@@ -539,8 +641,34 @@ def _search(job: _Job, settings: search.Settings):
         progress=ConsoleProgress(enabled=not opts.quiet and jax.process_index() == 0),
         sharding_for=job.sharding_for,
     )
+    config = job.outputs.search_config(state)
+    if opts.refine:
+        job.outputs.greedy_config(config)
+        job.outputs.refined = job.plan.refine_state or refine.RefineState()
+        t0 = time.perf_counter()
+        model, refined = refine.refine(
+            dense_model,
+            model.spec,
+            job.plan.dense,
+            scorers["all"],
+            settings,
+            budget=job.plan.budget,
+            cross_kind=opts.refine_cross_kind,
+            state=job.outputs.refined,
+            on_move=job.outputs.on_move,
+            say=lambda text: _say(opts, text),
+            sharding_for=job.sharding_for,
+        )
+        del dense_model
+        config = job.outputs.search_config(state, refined)
+        job.summary["refine"] = {
+            "moves": len(refined.moves),
+            "evaluations": refined.evaluations,
+            "stopped": refined.stopped,
+            "seconds": time.perf_counter() - t0,
+        }
     job.summary["compiles"] = {name: s.compiles.count for name, s in scorers.items()}
-    return model, job.outputs.search_config(state), state.steps, state.shortfalls
+    return model, config, state.steps, state.shortfalls
 
 
 def _free_device_bytes() -> int:
@@ -585,8 +713,16 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(
             f"perplexity: dense {summary['dense_ppl']:.4f} -> pruned {summary['pruned_ppl']:.4f}"
         )
+    if "refine" in summary:
+        r = summary["refine"]
+        lines.append(
+            f"refine: {r['moves']} moves accepted, {r['evaluations']} scored, "
+            f"{r['seconds']:.0f}s, stopped: {r['stopped']}"
+        )
     lines.append(f"checkpoint: {summary['checkpoint']}")
     if "export_hf" in summary:
         lines.append(f"export: {summary['export_hf']}")
         lines.append(summary["export_padding"])
+    if "report" in summary:
+        lines.append(f"picture: {summary['report'][0]} (and .png)")
     return "\n".join(lines)

@@ -19,8 +19,8 @@ from models import masks as masks_lib
 from models.decoder import CausalLM
 from models.masks import Masks
 from models.spec import ModelSpec, count_params, pruned_ratio
+from multipruner_jax import near_ties, surgery
 from multipruner_jax import step as step_lib
-from multipruner_jax import surgery
 from multipruner_jax.mesh import ShardingFor
 from multipruner_jax.scoring import Scorer, Slot
 
@@ -33,7 +33,9 @@ STAGES: tuple[Stage, ...] = get_args(Stage)
 class Settings:
     """Search knobs: ``target_ratio`` in percent, ``distribution`` normalised to sum 1;
     ``prefix_cache`` scores candidates from cached layer inputs, ``bound`` stops candidates
-    that provably cannot win (both exact)."""
+    that provably cannot win (both exact); ``near_tie`` > 0 re-scores the candidates within that
+    relative margin of a step's best on every calibration row (``near_ties``; not the
+    reference's rule)."""
 
     target_ratio: float
     distribution: tuple[float, float, float] = (0.44, 0.52, 0.04)
@@ -41,6 +43,7 @@ class Settings:
     attn_group: int = 128
     prefix_cache: bool = True
     bound: bool = True
+    near_tie: float = 0.0
 
     def stage_targets(self) -> tuple[float, float, float]:
         """Cumulative ratio targets ``T*a, T*(a+b), T``."""
@@ -238,6 +241,7 @@ class Step:
     seconds: float
     compiles: int
     rows_skipped: float = 0.0  # share of the candidates' rows the bound left unscored
+    near_ties: int = 0  # candidates re-scored on every calibration row (``--near_tie_margin``)
 
     @property
     def candidate(self) -> Candidate:
@@ -356,7 +360,8 @@ def search(
     """Run the three stages from ``state`` (replayed first) until ``settings.target_ratio``.
 
     ``model`` is the (reordered) dense model; ``scorers["block"]`` scores stage 1 and
-    ``scorers["width"]`` stages 2 and 3. ``on_step`` runs after every accepted removal.
+    ``scorers["width"]`` stages 2 and 3; ``scorers["all"]`` (every calibration row) re-scores
+    near ties when ``settings.near_tie`` > 0. ``on_step`` runs after every accepted removal.
     """
     state = state or SearchState()
     progress = progress or Progress()
@@ -392,6 +397,7 @@ def search(
                 bound=settings.bound,
                 cache=cache,
                 on_done=done,
+                slack=settings.near_tie,
             )
             ranks = dict(zip(cands, outcome.ppl, strict=True))
             winner = outcome.winner()
@@ -401,6 +407,12 @@ def search(
                     "perplexity: the model's activations overflow (inf or NaN) in its dtype; "
                     "expected finite scores (try --dtype=float32)"
                 )
+            ties = 0
+            if settings.near_tie > 0:
+                winner, ties = near_ties.choose(
+                    outcome.ppl, winner, settings.near_tie, scorers["all"], model, slots,
+                    bound=settings.bound,
+                )  # fmt: skip
             best, best_ppl = cands[winner], outcome.ppl[winner]
             del cache
             spec = remove(spec, best, settings)
@@ -417,6 +429,7 @@ def search(
                 seconds=time.perf_counter() - start_time,
                 compiles=scorer.compiles.count - start_compiles,
                 rows_skipped=outcome.skipped,
+                near_ties=ties,
             )
             state.steps.append(record)
             per_candidate.measured(record)

@@ -89,12 +89,17 @@ def score_step(
     bound: bool = True,
     cache: PrefixCache | None = None,
     on_done: Callable[[int, float], None] | None = None,
+    beat: float = math.inf,
+    slack: float = 0.0,
 ) -> Outcome:
     """Score every candidate ``slots[k]`` (masks and first layer) on all of ``scorer``'s rows.
 
     ``order``: the order in which candidates get a device group (best-first makes the bound
     prune sooner); ``bound``: stop candidates that cannot win; ``cache``: the prefix cache that
     starts after layer 0 read from; ``on_done(finished, best_ppl)`` after each candidate ends.
+    ``beat``: a perplexity scored elsewhere (an incumbent) that a candidate must beat, so the
+    bound stops candidates proven above it too; ``slack``: a relative margin, so the bound only
+    stops candidates proven more than ``1 + slack`` times the best (near ties get full scores).
     """
     if np.any(scorer.counts == 0):
         raise ValueError("a scoring row has no counted target token (all ignored)")
@@ -110,6 +115,9 @@ def score_step(
     queue = deque(order)
     groups: list[int | None] = [None] * scorer.candidates
     best_mean, best_ppl, finished, wave = math.inf, math.inf, 0, 0
+    if math.isfinite(beat):
+        best_mean, best_ppl = math.log(beat), beat
+    margin = math.log1p(slack)
 
     def finish(group: int) -> None:
         nonlocal finished
@@ -143,6 +151,8 @@ def score_step(
                 finish(group)
         if bound:
             for group, k in enumerate(groups):
-                if k is not None and cannot_win(partial[k], int(known[k]), rows, best_mean):
+                if k is not None and cannot_win(
+                    partial[k], int(known[k]), rows, best_mean + margin
+                ):
                     finish(group)
     return Outcome(ppl, [int(r) for r in known], rows)

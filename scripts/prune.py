@@ -73,6 +73,26 @@ flags.DEFINE_enum(
     "Tensor dtype of --export_hf (q8_0: gguf).",
 )
 flags.DEFINE_bool("export_overwrite", _D.export_overwrite, "Replace a non-empty --export_hf.")
+flags.DEFINE_float(
+    "near_tie_margin",
+    _D.near_tie_margin,
+    "Re-score a step's candidates within this relative margin of the best on every calibration "
+    "row before choosing (0 = off: the reference's rule).",
+)
+flags.DEFINE_bool(
+    "refine", _D.refine, "After the greedy search, apply size-keeping swaps that lower perplexity."
+)
+flags.DEFINE_string(
+    "refine_budget",
+    _D.refine_budget,
+    "Refinement limit: moves to score ('500'), time ('30m', '900s'), or both ('500,30m').",
+)
+flags.DEFINE_bool(
+    "refine_cross_kind",
+    _D.refine_cross_kind,
+    "Refine moves may also restore one kind of unit and remove another of at least its size.",
+)
+flags.DEFINE_bool("report", _D.report, "Draw report.svg/report.png in --output_path at the end.")
 flags.DEFINE_bool("distributed", False, "Join a multi-process run (jax.distributed) first.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (auto on Cloud TPU).")
 flags.DEFINE_integer("num_processes", None, "Processes in the run (auto on Cloud TPU).")

@@ -148,6 +148,7 @@ def prune_options(model_dir: str, out, **changes: Any):
         batch_size=2,
         mesh_shape="2,1",
         quiet=True,
+        report=False,  # matplotlib costs ~2 s a run; tests/test_refine.py draws
     )
     return pipeline.PruneOptions(**{**base, **changes})
 
