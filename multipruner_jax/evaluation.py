@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -11,9 +10,9 @@ from jax.sharding import Mesh
 
 from models.decoder import CausalLM
 from models.spec import ModelSpec, count_params
-from multipruner_jax import checkpoint, data, hf_io, model_source
+from multipruner_jax import data
 from multipruner_jax import mesh as mesh_lib
-from multipruner_jax.mesh import ShardingFor
+from multipruner_jax.model_loader import load_model, load_tokenizer, resolve_model
 from multipruner_jax.scoring import Scorer
 
 
@@ -21,45 +20,6 @@ def eval_ignore_id(spec: ModelSpec) -> int | None:
     """The reference's evaluation ignore id: the config's eos id (the first one of a list)."""
     eos = spec.eos_token_id
     return eos[0] if isinstance(eos, tuple) else eos
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
-
-def load_tokenizer(path: str):
-    """The tokenizer of an HF directory or of a checkpoint (saved in its ``tokenizer/``)."""
-    from transformers import AutoTokenizer
-
-    if checkpoint.is_checkpoint(path):
-        path = os.path.join(path, checkpoint.TOKENIZER_DIR)
-    if os.path.isdir(path) and not any(
-        os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES
-    ):
-        raise FileNotFoundError(
-            f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); expected the "
-            "model's tokenizer files beside its config"
-        )
-    return AutoTokenizer.from_pretrained(path)
-
-
-def resolve_model(path: str, weights: bool = True) -> str:
-    """The local folder of a model: one of our checkpoints (also a prune output folder, whose
-    ``checkpoint/`` it is; an incomplete one is refused), a local HF directory, or a Hub
-    snapshot (config and tokenizer only unless ``weights``)."""
-    path = checkpoint.locate(path)
-    if checkpoint.is_checkpoint(path):
-        checkpoint.load_spec(path)
-        return path
-    return model_source.resolve(path, weights=weights)
-
-
-def load_model(
-    path: str, dtype: jnp.dtype = jnp.float32, sharding_for: ShardingFor | None = None
-) -> CausalLM:
-    """A model from an HF directory (dense, or a compact export) or one of our checkpoints."""
-    if checkpoint.is_checkpoint(path):
-        return checkpoint.restore(path, dtype, sharding_for)
-    return hf_io.load_model(path, dtype, sharding_for)
 
 
 def evaluate_perplexity(

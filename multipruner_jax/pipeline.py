@@ -42,11 +42,12 @@ from multipruner_jax import (
     surgery,
 )
 from multipruner_jax import mesh as mesh_lib
-from multipruner_jax.evaluation import evaluate_perplexity, load_tokenizer
+from multipruner_jax.evaluation import evaluate_perplexity
+from multipruner_jax.hf_io import COMPUTE_DTYPES
+from multipruner_jax.model_loader import load_tokenizer
 from multipruner_jax.progress import ConsoleProgress, summary_table
 from multipruner_jax.scoring import MODES, Scorer, prefix_cache_bytes
 
-DTYPES = hf_io.DTYPES
 STATE_FILE = "search_state.json"
 CONFIGS_DIR = "pruned_model_configs"
 
@@ -135,7 +136,7 @@ def check_options(opts: PruneOptions) -> Plan:
     if not 0 < opts.target_ratio < 100:
         raise ValueError(f"--target_ratio={opts.target_ratio}: expected a percentage in (0, 100)")
     distribution = search.parse_distribution(opts.pruning_distribution)
-    _check_choice("dtype", opts.dtype, DTYPES)
+    _check_choice("dtype", opts.dtype, COMPUTE_DTYPES)
     _check_choice("scoring_mode", opts.scoring_mode, MODES)
     if opts.seqlen < 2:
         raise ValueError(f"--seqlen={opts.seqlen}: expected at least 2 tokens")
@@ -376,7 +377,7 @@ class _Job:
         """The dense model (reordered if asked), its perplexity recorded when evaluating."""
         opts = self.opts
         model = hf_io.load_model(
-            self.model_dir, DTYPES[opts.dtype], self.sharding_for, spec=self.plan.dense
+            self.model_dir, COMPUTE_DTYPES[opts.dtype], self.sharding_for, spec=self.plan.dense
         )
         self.outputs.started()
         _say(opts, f"loaded {opts.model_path}: {count_params(self.plan.dense):,} parameters")
@@ -555,7 +556,7 @@ def _use_prefix_cache(opts: PruneOptions, dense: ModelSpec, rows, mesh) -> bool:
     """Prefix caching if asked for, in layer mode, and its activations fit half the free memory."""
     if not opts.prefix_cache or opts.scoring_mode != "layer":
         return False
-    need = prefix_cache_bytes(dense, rows.shape[0], opts.seqlen, DTYPES[opts.dtype])
+    need = prefix_cache_bytes(dense, rows.shape[0], opts.seqlen, COMPUTE_DTYPES[opts.dtype])
     need //= mesh.shape["data"]
     fits = need <= _free_device_bytes() // 2
     if not fits:

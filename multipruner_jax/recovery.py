@@ -51,18 +51,17 @@ from flax import nnx
 from multipruner_jax import (
     atomic,
     checkpoint,
-    evaluation,
     finetune_data,
-    hf_io,
     lora,
+    model_loader,
     model_source,
     ownership,
 )
 from multipruner_jax import mesh as mesh_lib
+from multipruner_jax.console import clock
+from multipruner_jax.hf_io import COMPUTE_DTYPES
 from multipruner_jax.lora_trainer import Trainer, make_optimizer, make_schedule
-from multipruner_jax.progress import clock
 
-DTYPES = hf_io.DTYPES
 SCHEDULES = ("linear", "cosine")
 RUN_FILE = "run.json"
 LOG_FILE = "log.json"
@@ -150,16 +149,16 @@ def check_options(opts: FinetuneOptions) -> None:
     if opts.schedule not in SCHEDULES:
         raise ValueError(f"--schedule={opts.schedule!r}: expected one of {', '.join(SCHEDULES)}")
     for name in ("dtype", "merge_dtype"):
-        if getattr(opts, name) not in DTYPES:
+        if getattr(opts, name) not in COMPUTE_DTYPES:
             raise ValueError(
-                f"--{name}={getattr(opts, name)!r}: expected one of {', '.join(DTYPES)}"
+                f"--{name}={getattr(opts, name)!r}: expected one of {', '.join(COMPUTE_DTYPES)}"
             )
     opts.lora_config().check()
     data_axis = (
         mesh_lib.parse_mesh_shape(opts.mesh_shape, candidates=False) or (1, jax.device_count(), 1)
     )[1]
     mesh_lib.check_batch_size("--micro_batch_size", opts.micro_batch_size, data_axis)
-    local = evaluation.resolve_model(opts.model_path, weights=False)
+    local = model_loader.resolve_model(opts.model_path, weights=False)
     if not checkpoint.is_checkpoint(local) and not os.path.isfile(
         os.path.join(local, "config.json")
     ):
@@ -392,8 +391,8 @@ def finetune(opts: FinetuneOptions, flags_text: str | None = None) -> dict[str, 
 def _finetune(opts: FinetuneOptions, flags_text: str | None) -> dict[str, Any]:
     check_options(opts)
     mesh = mesh_lib.make_mesh(mesh_lib.parse_mesh_shape(opts.mesh_shape, candidates=False))
-    local = evaluation.resolve_model(opts.model_path)
-    tokenizer = evaluation.load_tokenizer(local)
+    local = model_loader.resolve_model(opts.model_path)
+    tokenizer = model_loader.load_tokenizer(local)
     data = _load_data(opts, tokenizer)
     run = _Run(opts)
     run.say(
@@ -404,8 +403,8 @@ def _finetune(opts: FinetuneOptions, flags_text: str | None) -> dict[str, Any]:
     )
     schedule = make_schedule(opts.learning_rate, data.total_steps, opts.warmup_steps, opts.schedule)
     optimizer = make_optimizer(schedule, opts.weight_decay, opts.max_grad_norm)
-    model = evaluation.load_model(
-        local, DTYPES[opts.dtype], functools.partial(mesh_lib.param_sharding, mesh)
+    model = model_loader.load_model(
+        local, COMPUTE_DTYPES[opts.dtype], functools.partial(mesh_lib.param_sharding, mesh)
     )
     adapters = lora.add_adapters(model, opts.lora_config(), opts.seed)
     trainer = Trainer(model, optimizer, mesh, seed=opts.seed, token_chunk=opts.token_chunk)
@@ -509,8 +508,8 @@ def merge(opts: FinetuneOptions) -> str:
         raise FileNotFoundError(f"{path}: no adapters to merge (no {BEST_DIR}/ or checkpoints)")
     folder, manager = source
     step = manager.latest_step()
-    local = evaluation.resolve_model(opts.model_path)
-    model = evaluation.load_model(local, DTYPES[opts.merge_dtype])
+    local = model_loader.resolve_model(opts.model_path)
+    model = model_loader.load_model(local, COMPUTE_DTYPES[opts.merge_dtype])
     lora.add_adapters(model, opts.lora_config(), opts.seed)
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
@@ -532,7 +531,6 @@ def merge(opts: FinetuneOptions) -> str:
         "eval_loss": restored.state.get("eval_loss"),
         "lora": dataclasses.asdict(opts.lora_config()),
     }
-    checkpoint.save(
-        out, model, extra={"recovery.json": provenance}, tokenizer=evaluation.load_tokenizer(local)
-    )
+    tokenizer = model_loader.load_tokenizer(local)
+    checkpoint.save(out, model, extra={"recovery.json": provenance}, tokenizer=tokenizer)
     return out

@@ -3,7 +3,7 @@ lm-evaluation-harness (``--model_path=...``; HF directory, Hub id, export or our
 
 from absl import flags
 
-from multipruner_jax import atomic, cli, evaluation, mesh, pipeline, task_data, zeroshot
+from multipruner_jax import atomic, cli, evaluation, hf_io, mesh, task_data, zeroshot
 
 flags.DEFINE_string(
     "model_path",
@@ -14,7 +14,7 @@ flags.DEFINE_string(
 flags.DEFINE_string("dataset", "wikitext2", "wikitext2 (test split) or a local text source.")
 flags.DEFINE_integer("seqlen", 2048, "Tokens per perplexity row.")
 flags.DEFINE_integer("windows", 0, "Perplexity on the first N rows; 0 = the whole split.")
-flags.DEFINE_enum("dtype", "float32", list(pipeline.DTYPES), "Parameter and compute dtype.")
+flags.DEFINE_enum("dtype", "float32", list(hf_io.COMPUTE_DTYPES), "Parameter and compute dtype.")
 flags.DEFINE_string("mesh_shape", "", "'data,model' device mesh; default all on data.")
 flags.DEFINE_integer("batch_size", 0, "Perplexity rows per batch; 0 = one per data device.")
 flags.DEFINE_string("cache_dir", None, "Token-window cache folder (default: no cache).")
@@ -45,7 +45,7 @@ def main() -> None:
         dataset=FLAGS.dataset,
         seqlen=FLAGS.seqlen,
         windows=FLAGS.windows,
-        dtype=pipeline.DTYPES[FLAGS.dtype],
+        dtype=hf_io.COMPUTE_DTYPES[FLAGS.dtype],
         mesh_shape=mesh.parse_mesh_shape(FLAGS.mesh_shape, candidates=False),
         batch_size=FLAGS.batch_size,
         cache_dir=FLAGS.cache_dir,

@@ -7,7 +7,7 @@ and with ``--merge`` folds the best adapters into a checkpoint that ``scripts/ev
 
 from absl import flags
 
-from multipruner_jax import agreement, cli, mesh, recovery
+from multipruner_jax import agreement, cli, hf_io, mesh, recovery
 
 _D = recovery.FinetuneOptions
 flags.DEFINE_string("model_path", None, "Pruned checkpoint or HF directory.", required=True)
@@ -33,7 +33,7 @@ flags.DEFINE_integer("lora_rank", _D.lora_rank, "Adapter rank r.")
 flags.DEFINE_float("lora_alpha", _D.lora_alpha, "Adapter alpha (scale alpha / r).")
 flags.DEFINE_float("lora_dropout", _D.lora_dropout, "Dropout on the adapter input.")
 flags.DEFINE_string("lora_targets", _D.lora_targets, "Comma list of q,k,v,o,gate,up,down.")
-flags.DEFINE_enum("dtype", _D.dtype, list(recovery.DTYPES), "Base weights and compute dtype.")
+flags.DEFINE_enum("dtype", _D.dtype, list(hf_io.COMPUTE_DTYPES), "Base weights and compute dtype.")
 flags.DEFINE_string("mesh_shape", _D.mesh_shape, "'data,model' device mesh; default all on data.")
 flags.DEFINE_integer("token_chunk", _D.token_chunk, "Positions per fp32 logits chunk.")
 flags.DEFINE_integer("eval_every", _D.eval_every, "Held-out loss every N updates; 0 = at the end.")
@@ -42,7 +42,9 @@ flags.DEFINE_integer("log_every", _D.log_every, "Progress line every N updates; 
 flags.DEFINE_integer("seed", _D.seed, "Seed of the split, data order, adapters and dropout.")
 flags.DEFINE_bool("resume", _D.resume, "Continue the run saved in --output_path.")
 flags.DEFINE_bool("merge", _D.merge, "Fold the best adapters into <output_path>/merged.")
-flags.DEFINE_enum("merge_dtype", _D.merge_dtype, list(recovery.DTYPES), "Merged weights dtype.")
+flags.DEFINE_enum(
+    "merge_dtype", _D.merge_dtype, list(hf_io.COMPUTE_DTYPES), "Merged weights dtype."
+)
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host TPU).")
 flags.DEFINE_bool("quiet", _D.quiet, "No progress output.")
 

@@ -2,7 +2,7 @@
 
 from absl import flags
 
-from multipruner_jax import agreement, cli, export, mesh, pipeline, scoring
+from multipruner_jax import agreement, cli, export, hf_io, mesh, pipeline, scoring
 
 _D = pipeline.PruneOptions
 flags.DEFINE_string("model_path", None, "HF model directory or Hub id 'org/name'.", required=True)
@@ -42,7 +42,7 @@ flags.DEFINE_integer("seed", _D.seed, "Sampling seed for the calibration subsets
 flags.DEFINE_string(
     "pruned_model_config_file", None, "Apply this pruning_config.json instead of searching."
 )
-flags.DEFINE_enum("dtype", _D.dtype, list(pipeline.DTYPES), "Parameter and compute dtype.")
+flags.DEFINE_enum("dtype", _D.dtype, list(hf_io.COMPUTE_DTYPES), "Parameter and compute dtype.")
 flags.DEFINE_string(
     "mesh_shape", _D.mesh_shape, "'data,model' or 'candidate,data,model'; default all on data."
 )

@@ -28,6 +28,7 @@ from multipruner_jax import (
     export,
     finetune_data,
     lora,
+    model_loader,
     recovery,
     surgery,
 )
@@ -319,7 +320,7 @@ def pruned_checkpoint(tmp_path_factory, tokenizer):
     hf = str(path / "hf")
     tiny_models.save_hf_model(hf, "llama_gqa", vocab_size=len(tokenizer))
     tokenizer.save_pretrained(hf)
-    model = _pruned(evaluation.load_model(hf))
+    model = _pruned(model_loader.load_model(hf))
     checkpoint.save(str(path / "checkpoint"), model, tokenizer=tokenizer)
     records = path / "alpaca.jsonl"
     records.write_text("\n".join(json.dumps(r) for r in _records(60)) + "\n")

@@ -17,7 +17,7 @@ import tiny_models
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from multipruner_jax import checkpoint, evaluation, export, surgery, task_data
+from multipruner_jax import checkpoint, evaluation, export, model_loader, surgery, task_data
 from multipruner_jax.lm_eval_adapter import JaxLM
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,7 +117,7 @@ def pruned(tmp_path_factory):
     corpus = [d["goal"] + " " + d["sol1"] + " " + d["sol2"] for d in piqa.eval_docs][:400]
     tokenizer = tiny_models.tiny_tokenizer(dense_dir, corpus)
     tiny_models.save_hf_model(dense_dir, "llama_gqa", vocab_size=300)
-    dense = evaluation.load_model(dense_dir)
+    dense = model_loader.load_model(dense_dir)
     layers = list(dense.spec.layers)
     layers[1] = dataclasses.replace(layers[1], has_attn=False)
     layers[2] = dataclasses.replace(layers[2], kv_groups=1, mlp_width=48)
