@@ -5,7 +5,7 @@ python bench/projection.py [--utilisation=0.4]
 Evaluations per stage are the reference's (§4 of the reference notes: 10 block steps, 595
 evaluations on the block set; 55 MLP steps, 1,705 evaluations; 23 head steps, 529 evaluations on
 the width set); rows per set are the notes' estimates for 256 / 128 Alpaca records at 2048
-tokens. FLOPs come from ``multipruner_jax.cost`` on the dense Llama-2-7B shapes (an upper bound:
+tokens. FLOPs come from ``bench/cost.py`` on the dense Llama-2-7B shapes (an upper bound:
 the model shrinks by 22 % along the way). Every chip is assumed to reach ``--utilisation`` of its
 dense bf16 peak; the reference (``device_map="auto"`` runs its layers one GPU at a time) is
 projected on one H100 at the same utilisation.
@@ -13,10 +13,10 @@ projected on one H100 at the same utilisation.
 
 from __future__ import annotations
 
+import cost
 from absl import app, flags
 
 from models.spec import LLAMA2_7B_CONFIG, spec_from_hf_config
-from multipruner_jax import cost
 
 _UTIL = flags.DEFINE_float("utilisation", 0.4, "Assumed share of the bf16 peak reached.")
 _BLOCK_ROWS = flags.DEFINE_integer("block_rows", 17, "2048-token rows of the block set.")
@@ -45,9 +45,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     spec = spec_from_hf_config(LLAMA2_7B_CONFIG)
     stages = [
-        cost.Stage("block", steps=10, evaluations=595, rows=_BLOCK_ROWS.value),
-        cost.Stage("mlp_width", steps=55, evaluations=1705, rows=_WIDTH_ROWS.value),
-        cost.Stage("attn_head", steps=23, evaluations=529, rows=_WIDTH_ROWS.value),
+        cost.StageWork("block", steps=10, evaluations=595, rows=_BLOCK_ROWS.value),
+        cost.StageWork("mlp_width", steps=55, evaluations=1705, rows=_WIDTH_ROWS.value),
+        cost.StageWork("attn_head", steps=23, evaluations=529, rows=_WIDTH_ROWS.value),
     ]
     util = _UTIL.value
     print(
@@ -60,13 +60,14 @@ def main(argv: list[str]) -> None:
             spec, stages, 2048, chips=chips, candidate_groups=groups, peak=peak, utilisation=util
         )
         print(
-            f"{name}: ours {cost.clock(p.seconds)} ({p.engine_flops / 1e15:,.0f} PFLOP executed, "
+            f"{name}: ours {cost.rough_duration(p.seconds)} "
+            f"({p.engine_flops / 1e15:,.0f} PFLOP executed, "
             f"{p.engine_flops / p.reference_flops:.0%} of the reference loop's; chips busy "
             f"{p.busy:.0%} of the time, the rest waiting in lock step); {why}"
         )
     print(
         f"reference loop (a full forward per candidate): {p.reference_flops / 1e15:,.0f} PFLOP, "
-        f"{cost.clock(p.reference_seconds)} on one H100 at the same utilisation"
+        f"{cost.rough_duration(p.reference_seconds)} on one H100 at the same utilisation"
     )
 
 

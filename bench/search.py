@@ -17,7 +17,7 @@ transformers applies them (a removed block and its norm are skipped, a width kee
 slice of the weights), perplexity as its ``evaluate_ppl`` (rows in batches of 2).
 
 Reported per variant: wall time, the part spent tracing and compiling, executed matmul FLOPs
-(counted from shapes by ``multipruner_jax.cost``: ours computes masked widths at full width and
+(counted from shapes by ``bench/cost.py``: ours computes masked widths at full width and
 skips the blocks a mask switches off; the reference computes the sliced, smaller model), FLOP/s
 against this machine's fp32 matmul peak (a 4096^3 jitted ``jnp.dot``, best of 5, measured here),
 and the speed-up over the reference loop. Then the exact limit: the fewest FLOPs an exhaustive
@@ -50,6 +50,7 @@ import time  # noqa: E402
 import types  # noqa: E402
 from collections import defaultdict  # noqa: E402
 
+import cost  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -59,7 +60,7 @@ from absl import app, flags  # noqa: E402
 
 from models.decoder import computing_off_blocks  # noqa: E402
 from models.spec import ModelSpec, pruned_ratio  # noqa: E402
-from multipruner_jax import assets, cost, data, export, hf_io, search, surgery  # noqa: E402
+from multipruner_jax import assets, data, export, hf_io, search, surgery  # noqa: E402
 from multipruner_jax import mesh as mesh_lib  # noqa: E402
 from multipruner_jax.scoring import PrefixCache, Scorer  # noqa: E402
 

@@ -1,9 +1,14 @@
 """What every script shares: absl start-up, quiet logs, ``--help`` that exits 0, one-line errors.
 
-A script defines its flags and a ``main()`` that calls one library function, then calls
-``cli.run(main)``. Library errors about the user's input (a bad flag, file or config) are
-``ValueError``/``OSError`` subclasses; they end the run with ``error: <one sentence>`` on stderr
-and exit status 1, without a traceback. Other exceptions are bugs and keep their traceback.
+A script declares its flags and a ``main()`` that calls one library function, then calls
+``cli.run(main)``. A job's flags are declared once, on its options dataclass: every field made
+with ``option(default, help, choices=...)`` becomes the flag of the same name, type and default
+(``define_flags``), with that help text; a field without a default is a required flag. Only
+flags that are no option of the job (joining a multi-process run, say) are defined by hand.
+
+Library errors about the user's input (a bad flag, file or config) are ``ValueError``/``OSError``
+subclasses; they end the run with ``error: <one sentence>`` on stderr and exit status 1, without
+a traceback. Other exceptions are bugs and keep their traceback.
 
 Logs: absl raises the verbosity to INFO by default, which shows orbax's ~30 lines per checkpoint
 and JAX's backend probe ("Unable to initialize backend 'tpu'"). Unless ``--verbosity`` (``-v``) is
@@ -14,7 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Callable
+import types
+import typing
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from absl import app, flags, logging
@@ -45,6 +52,42 @@ def _main(main: Callable[[], object], argv: list[str]) -> int:
         print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", choices: Sequence[str] = ()):
+    """A field of an options dataclass that is also a flag: ``help`` is its help text,
+    ``choices`` (when given) the values it accepts."""
+    if not help:
+        raise ValueError("an option needs its help text")
+    return dataclasses.field(default=default, metadata={"help": help, "choices": tuple(choices)})
+
+
+_DEFINE = {str: flags.DEFINE_string, int: flags.DEFINE_integer, float: flags.DEFINE_float}
+
+
+def define_flags(cls: type, module: str, flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Define one absl flag per ``option`` field of the dataclass ``cls``, as key flags of the
+    script ``module`` (its ``__name__``): the field's name, default and help; ``choices`` make an
+    enum; ``bool`` fields are ``--name``/``--noname``; ``str | None`` fields default to unset."""
+    module_name = sys.argv[0] if module == "__main__" else module  # absl's name for a script
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if "help" not in field.metadata:
+            continue
+        kind = hints[field.name]
+        if isinstance(kind, types.UnionType):  # ``X | None``
+            (kind,) = [k for k in typing.get_args(kind) if k is not type(None)]
+        required = field.default is dataclasses.MISSING
+        default = None if required else field.default
+        common = dict(flag_values=flag_values, module_name=module_name, required=required)
+        help_text = field.metadata["help"]
+        if field.metadata["choices"]:
+            choices = list(field.metadata["choices"])
+            flags.DEFINE_enum(field.name, default, choices, help_text, **common)
+        elif kind is bool:
+            flags.DEFINE_bool(field.name, default, help_text, **common)
+        else:
+            _DEFINE[kind](field.name, default, help_text, **common)
 
 
 def options_from_flags(cls: type, module: str) -> tuple[Any, str]:

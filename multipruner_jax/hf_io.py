@@ -36,7 +36,7 @@ from multipruner_jax.mesh import ShardingFor
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # parameter and compute dtypes
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # of parameters and compute
 
 
 class WeightsError(ValueError):
@@ -112,7 +112,7 @@ def load_model(
         Tensors of blocks the spec removed are not read, so they may be absent from the files.
     """
     dtype = jnp.dtype(dtype)
-    if dtype not in map(jnp.dtype, DTYPES.values()):
+    if dtype not in map(jnp.dtype, COMPUTE_DTYPES.values()):
         raise ValueError(f"dtype {dtype} is not supported; expected float32 or bfloat16")
     spec = read_spec(path) if spec is None else spec
     files = _weight_files(path)

@@ -29,8 +29,8 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import has_bos_prefix
 
 from models.decoder import CausalLM
-from multipruner_jax import evaluation
 from multipruner_jax import mesh as mesh_lib
+from multipruner_jax import model_loader
 from multipruner_jax.loglik import ContinuationScorer, Progress
 
 
@@ -73,8 +73,9 @@ class JaxLM(TemplateLM):
     ) -> JaxLM:
         """Load an HF directory (dense or compact export) or our checkpoint onto a mesh."""
         mesh = mesh_lib.make_mesh(mesh_shape)
-        model = evaluation.load_model(path, dtype, functools.partial(mesh_lib.param_sharding, mesh))
-        return cls(model, evaluation.load_tokenizer(path), mesh=mesh, **kwargs)
+        sharding_for = functools.partial(mesh_lib.param_sharding, mesh)
+        model = model_loader.load_model(path, dtype, sharding_for)
+        return cls(model, model_loader.load_tokenizer(path), mesh=mesh, **kwargs)
 
     # -- tokenisation (as HFLM) ---------------------------------------------------------------
 

@@ -17,12 +17,10 @@ Output directory layout (``output_path``):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -47,11 +45,14 @@ from multipruner_jax import (
     surgery,
 )
 from multipruner_jax import mesh as mesh_lib
-from multipruner_jax.evaluation import evaluate_perplexity, load_tokenizer
+from multipruner_jax.cli import option
+from multipruner_jax.evaluation import evaluate_perplexity
+from multipruner_jax.hf_io import COMPUTE_DTYPES
+from multipruner_jax.job import JobFolder, check_resume_identity, is_writer, say
+from multipruner_jax.model_loader import load_tokenizer
 from multipruner_jax.progress import ConsoleProgress, summary_table
 from multipruner_jax.scoring import MODES, Scorer, prefix_cache_bytes
 
-DTYPES = hf_io.DTYPES
 STATE_FILE = "search_state.json"
 GREEDY_CONFIG = "pruning_config.greedy.json"
 CONFIGS_DIR = "pruned_model_configs"
@@ -61,42 +62,70 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PruneOptions:
-    """Everything the prune job needs; field names follow the reference CLI where it has one."""
+    """Everything the prune job needs; field names follow the reference CLI where it has one.
+    Each field is also ``scripts/prune.py``'s flag of that name (``cli.define_flags``)."""
 
-    model_path: str
-    output_path: str
-    weight_reorder: bool = False
-    target_ratio: float = 20.0
-    pruning_distribution: str = "44:52:4"
-    mlp_channel_group_size: int = 1024
-    attn_channel_group_size: int = 128
-    calibration_dataset: str = "alpaca"
-    num_calibration_samples_block: int = 256
-    num_calibration_samples_width: int = 128
-    seqlen: int = 2048
-    seed: int = 42
-    pruned_model_config_file: str | None = None
-    dtype: str = "float32"
-    mesh_shape: str = ""
-    batch_size: int = 0
-    scoring_mode: str = "layer"
-    prefix_cache: bool = True
-    bound: bool = True
-    token_chunk: int = 512
-    resume: bool = False
-    eval_dataset: str = "wikitext2"
-    eval_windows: int = 0
-    cache_dir: str | None = None
-    export_hf: str | None = None
-    export_format: str = "compact"
-    export_dtype: str = "float32"
-    export_overwrite: bool = False
-    near_tie_margin: float = 0.0
-    refine: bool = False
-    refine_budget: str = ""
-    refine_cross_kind: bool = False
-    report: bool = True
-    quiet: bool = False
+    model_path: str = option(help="HF model directory or Hub id 'org/name'.")
+    output_path: str = option(help="Output folder (see README).")
+    weight_reorder: bool = option(False, "Reorder MLP channels and heads/KV groups by magnitude.")
+    target_ratio: float = option(20.0, "Percent of all parameters to remove.")
+    pruning_distribution: str = option("44:52:4", "Shares 'a:b:c' of blocks:MLP:heads.")
+    mlp_channel_group_size: int = option(1024, "MLP channels removed per step.")
+    attn_channel_group_size: int = option(128, "Query channels removed per step (whole KV groups).")
+    calibration_dataset: str = option(
+        "alpaca",
+        "alpaca|wikitext2|c4|ptb, or a local .txt/.jsonl file, folder of .txt, or Arrow folder.",
+    )
+    num_calibration_samples_block: int = option(256, "Records drawn for the block stage.")
+    num_calibration_samples_width: int = option(
+        128, "Records drawn for the MLP-width and head stages."
+    )
+    seqlen: int = option(2048, "Tokens per calibration/evaluation row.")
+    seed: int = option(42, "Sampling seed for the calibration subsets.")
+    pruned_model_config_file: str | None = option(
+        None, "Apply this pruning_config.json instead of searching."
+    )
+    dtype: str = option("float32", "Parameter and compute dtype.", choices=COMPUTE_DTYPES)
+    mesh_shape: str = option("", "'data,model' or 'candidate,data,model'; default all on data.")
+    batch_size: int = option(0, "Rows per scoring batch; 0 = one per device.")
+    scoring_mode: str = option("layer", "Per-layer programs or one whole jit.", choices=MODES)
+    prefix_cache: bool = option(True, "Reuse cached layer inputs below a candidate.")
+    bound: bool = option(True, "Stop scoring candidates that provably cannot win.")
+    token_chunk: int = option(512, "Positions per fp32 logits chunk.")
+    resume: bool = option(False, "Continue the search saved in --output_path.")
+    eval_dataset: str = option(
+        "wikitext2", "Perplexity set reported before and after (wikitext2 or path)."
+    )
+    eval_windows: int = option(0, "Evaluation rows: 0 none, -1 all, N first.")
+    cache_dir: str | None = option(None, "Token-window cache folder (default: no cache).")
+    export_hf: str | None = option(None, "Also export the pruned model to this folder.")
+    export_format: str = option(
+        "compact",
+        "Format of --export_hf: "
+        + "; ".join(f"{k}: {f.summary}" for k, f in export.FORMATS.items()),
+        choices=export.FORMATS,
+    )
+    export_dtype: str = option(
+        "float32", "Tensor dtype of --export_hf (q8_0: gguf).", choices=export.DTYPES
+    )
+    export_overwrite: bool = option(False, "Replace a non-empty --export_hf.")
+    near_tie_margin: float = option(
+        0.0,
+        "Re-score a step's candidates within this relative margin of the best on every "
+        "calibration row before choosing (0 = off: the reference's rule).",
+    )
+    refine: bool = option(
+        False, "After the greedy search, apply size-keeping swaps that lower perplexity."
+    )
+    refine_budget: str = option(
+        "", "Refinement limit: moves to score ('500'), time ('30m', '900s'), or both ('500,30m')."
+    )
+    refine_cross_kind: bool = option(
+        False,
+        "Refine moves may also restore one kind of unit and remove another of at least its size.",
+    )
+    report: bool = option(True, "Draw report.svg/report.png in --output_path at the end.")
+    quiet: bool = option(False, "No progress output.")
 
     def search_identity(self) -> dict[str, Any]:
         """The options a resumed search must share with the run it continues, by meaning."""
@@ -151,7 +180,7 @@ def check_options(opts: PruneOptions) -> Plan:
     if not 0 < opts.target_ratio < 100:
         raise ValueError(f"--target_ratio={opts.target_ratio}: expected a percentage in (0, 100)")
     distribution = search.parse_distribution(opts.pruning_distribution)
-    _check_choice("dtype", opts.dtype, DTYPES)
+    _check_choice("dtype", opts.dtype, COMPUTE_DTYPES)
     _check_choice("scoring_mode", opts.scoring_mode, MODES)
     if opts.seqlen < 2:
         raise ValueError(f"--seqlen={opts.seqlen}: expected at least 2 tokens")
@@ -249,24 +278,10 @@ def _check_choice(flag: str, value: str, choices) -> None:
 
 
 def _check_output_path(path: str) -> None:
-    """``path`` is a folder, or can become one, that this process can write into."""
-    if not path:
-        raise ValueError("--output_path is required")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"--output_path={path} exists and is not a directory")
-    atomic.check_replaceable(
-        os.path.join(path, checkpoint.DIR), f"{os.path.join(path, checkpoint.DIR)} (the checkpoint)"
-    )
-    existing = os.path.abspath(path)
-    while not os.path.isdir(existing):
-        existing = os.path.dirname(existing)
-    try:
-        probe = tempfile.TemporaryDirectory(prefix=".multipruner-probe-", dir=existing)
-    except OSError as error:
-        raise ValueError(
-            f"--output_path={path}: cannot write in {existing} ({error.strerror})"
-        ) from None
-    probe.cleanup()
+    """``path`` is a job folder this process can write, whose checkpoint can be replaced."""
+    JobFolder(path).check()
+    ckpt = os.path.join(path, checkpoint.DIR)
+    atomic.check_replaceable(ckpt, f"{ckpt} (the checkpoint)")
 
 
 def _check_export_path(export_hf: str, output_path: str, model_path: str) -> None:
@@ -288,16 +303,9 @@ def _check_export_path(export_hf: str, output_path: str, model_path: str) -> Non
 
 def _saved_state(opts: PruneOptions, dense: ModelSpec, settings: search.Settings):
     """The steps to replay: none for a new search, the saved ones for ``--resume``."""
-    path = os.path.join(opts.output_path, STATE_FILE)
+    path = JobFolder(opts.output_path).check_start(STATE_FILE, opts.resume, "a search")
     if not opts.resume:
-        if os.path.exists(path):
-            raise ValueError(
-                f"--output_path={opts.output_path} already holds a search; pass --resume to "
-                "continue it or choose another output path"
-            )
         return search.SearchState(), None
-    if not os.path.isfile(path):
-        raise ValueError(f"--resume: {path} does not exist; nothing to resume")
     try:
         saved = atomic.read_json(path)
         state = search.SearchState.from_dict(saved)
@@ -318,10 +326,7 @@ def _saved_state(opts: PruneOptions, dense: ModelSpec, settings: search.Settings
             f"--resume: {path} is not a valid search state ({type(error).__name__}: {error}); "
             "remove it to start afresh"
         ) from None
-    now = opts.search_identity()
-    diff = {k: (options[k], now[k]) for k in IDENTITY_KEYS if options[k] != now[k]}
-    if diff:
-        raise ValueError(f"--resume: the saved search used other options (saved, now): {diff}")
+    check_resume_identity(options, opts.search_identity(), "search", opts.output_path)
     if refine_state is not None and refine_state.moves:
         if not opts.refine:
             raise ValueError(
@@ -338,8 +343,7 @@ def _saved_state(opts: PruneOptions, dense: ModelSpec, settings: search.Settings
 
 
 def _say(opts: PruneOptions, text: str) -> None:
-    if not opts.quiet and jax.process_index() == 0:
-        print(text, flush=True)
+    say(text, opts.quiet)
 
 
 class _Outputs:
@@ -352,13 +356,12 @@ class _Outputs:
     def __init__(self, plan: Plan, flags_text: str | None):
         self.plan, self.flags_text = plan, flags_text
         self.out = plan.opts.output_path
-        self.writer = jax.process_index() == 0
+        self.writer = is_writer()
         self.greedy = plan.state
         self.refined: refine.RefineState | None = plan.refine_state
 
     def started(self) -> None:
-        if self.writer and self.flags_text is not None:
-            atomic.write_text(os.path.join(self.out, "flags.txt"), self.flags_text)
+        JobFolder(self.out).write_flags(self.flags_text)
 
     def search_config(
         self, state: search.SearchState, refined: refine.RefineState | None = None
@@ -465,7 +468,7 @@ class _Job:
         """The dense model (reordered if asked), its perplexity recorded when evaluating."""
         opts = self.opts
         model = hf_io.load_model(
-            self.model_dir, DTYPES[opts.dtype], self.sharding_for, spec=self.plan.dense
+            self.model_dir, COMPUTE_DTYPES[opts.dtype], self.sharding_for, spec=self.plan.dense
         )
         self.outputs.started()
         _say(opts, f"loaded {opts.model_path}: {count_params(self.plan.dense):,} parameters")
@@ -495,12 +498,7 @@ def run(opts: PruneOptions, flags_text: str | None = None) -> dict[str, Any]:
     Raises ``TargetNotReached`` (after writing every output) when a stage ran out of candidates.
     """
     _check_output_path(opts.output_path)
-    owner = jax.process_index() == 0
-    with (
-        ownership.lock(opts.output_path, f"--output_path={opts.output_path}")
-        if owner
-        else (contextlib.nullcontext())
-    ):
+    with JobFolder(opts.output_path).owned():
         return _run(opts, flags_text)
 
 
@@ -509,7 +507,7 @@ def _run(opts: PruneOptions, flags_text: str | None) -> dict[str, Any]:
     plan = check_options(opts)
     t0 = time.perf_counter()
     ckpt = os.path.join(opts.output_path, checkpoint.DIR)
-    if jax.process_index() == 0:  # what killed runs left: dead writes, an interrupted replace
+    if is_writer():  # what killed runs left: dead writes, an interrupted replace
         with ownership.lock(ckpt):
             atomic.recover(ckpt)
         for folder in (opts.output_path, os.path.join(opts.output_path, CONFIGS_DIR)):
@@ -638,7 +636,7 @@ def _search(job: _Job, settings: search.Settings):
         settings,
         state=job.plan.state,
         on_step=job.outputs.on_step,
-        progress=ConsoleProgress(enabled=not opts.quiet and jax.process_index() == 0),
+        progress=ConsoleProgress(enabled=not opts.quiet and is_writer()),
         sharding_for=job.sharding_for,
     )
     config = job.outputs.search_config(state)
@@ -683,7 +681,7 @@ def _use_prefix_cache(opts: PruneOptions, dense: ModelSpec, rows, mesh) -> bool:
     """Prefix caching if asked for, in layer mode, and its activations fit half the free memory."""
     if not opts.prefix_cache or opts.scoring_mode != "layer":
         return False
-    need = prefix_cache_bytes(dense, rows.shape[0], opts.seqlen, DTYPES[opts.dtype])
+    need = prefix_cache_bytes(dense, rows.shape[0], opts.seqlen, COMPUTE_DTYPES[opts.dtype])
     need //= mesh.shape["data"]
     fits = need <= _free_device_bytes() // 2
     if not fits:

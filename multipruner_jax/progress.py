@@ -1,42 +1,16 @@
-"""Console progress for the search: a live line per step and a summary table at the end."""
+"""Console progress for the search: a live line per step and a summary table at the end.
+
+The status line and the clock are ``console``'s, shared with zero-shot evaluation and
+fine-tuning; what is here knows the search's stages and steps.
+"""
 
 from __future__ import annotations
 
 import sys
-import time
 from typing import TextIO
 
+from multipruner_jax.console import StatusLine, clock
 from multipruner_jax.search import Progress, Shortfall, Stage, Step
-
-
-def clock(seconds: float) -> str:
-    """``h:mm:ss``."""
-    seconds = int(round(seconds))
-    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-class StatusLine:
-    """One status line on ``stream``: rewritten in place on a terminal; elsewhere printed at
-    most every ``every`` seconds, and always when ``final``."""
-
-    def __init__(self, stream: TextIO = sys.stderr, every: float = 10.0):
-        self.stream = stream
-        self.every = every
-        self.live = stream.isatty()
-        self._last = -float("inf")
-
-    def show(self, line: str, final: bool = False) -> None:
-        if self.live:
-            self.stream.write("\r\033[K" + line + ("\n" if final else ""))
-            self.stream.flush()
-        elif final or time.monotonic() - self._last >= self.every:
-            self._last = time.monotonic()
-            print(line, file=self.stream, flush=True)
-
-    def clear(self) -> None:
-        """Remove a line rewritten in place (before printing a line of one's own)."""
-        if self.live:
-            self.stream.write("\r\033[K")
 
 
 class ConsoleProgress(Progress):

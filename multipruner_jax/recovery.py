@@ -38,7 +38,6 @@ import glob
 import math
 import os
 import shutil
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -51,18 +50,18 @@ from flax import nnx
 from multipruner_jax import (
     atomic,
     checkpoint,
-    evaluation,
     finetune_data,
-    hf_io,
+    job,
     lora,
+    model_loader,
     model_source,
-    ownership,
 )
 from multipruner_jax import mesh as mesh_lib
+from multipruner_jax.cli import option
+from multipruner_jax.console import clock
+from multipruner_jax.hf_io import COMPUTE_DTYPES
 from multipruner_jax.lora_trainer import Trainer, make_optimizer, make_schedule
-from multipruner_jax.progress import clock
 
-DTYPES = hf_io.DTYPES
 SCHEDULES = ("linear", "cosine")
 RUN_FILE = "run.json"
 LOG_FILE = "log.json"
@@ -74,38 +73,42 @@ _ORBAX_TMP = "*.orbax-checkpoint-tmp*"  # orbax's name for a save in progress
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneOptions:
-    """Every setting of a fine-tuning run; defaults follow the reference recipe (§3.4)."""
+    """Every setting of a fine-tuning run; defaults follow the reference recipe (§3.4). Each
+    field is also ``scripts/finetune.py``'s flag of that name (``cli.define_flags``)."""
 
-    model_path: str
-    output_path: str
-    data: str = "yahma/alpaca-cleaned"
-    eval_examples: int = 2000
-    max_len: int = 256
-    buckets: int = 4
-    micro_batch_size: int = 8
-    grad_accum: int = 4
-    max_steps: int = 0
-    epochs: float = 2.0
-    learning_rate: float = 1e-4
-    warmup_steps: int = 100
-    schedule: str = "linear"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-    lora_targets: str = ",".join(lora.TARGETS)
-    dtype: str = "float32"
-    mesh_shape: str = ""
-    token_chunk: int = 128
-    eval_every: int = 100
-    save_every: int = 100
-    log_every: int = 10
-    seed: int = 42
-    resume: bool = False
-    merge: bool = False
-    merge_dtype: str = "float32"
-    quiet: bool = False
+    model_path: str = option(help="Pruned checkpoint or HF directory.")
+    output_path: str = option(help="Output directory.")
+    data: str = option(
+        "yahma/alpaca-cleaned",
+        "Alpaca .json/.jsonl, .txt file, folder or glob of .txt, or a hub dataset id.",
+    )
+    eval_examples: int = option(2000, "Held-out records or text rows (seed).")
+    max_len: int = option(256, "Tokens per example (records are truncated).")
+    buckets: int = option(4, "Row lengths compiled (length bucketing).")
+    micro_batch_size: int = option(8, "Rows per micro-batch.")
+    grad_accum: int = option(4, "Micro-batches per update.")
+    max_steps: int = option(0, "Updates; 0 = --epochs over the data.")
+    epochs: float = option(2.0, "Epochs when --max_steps=0.")
+    learning_rate: float = option(1e-4, "Peak AdamW learning rate.")
+    warmup_steps: int = option(100, "Linear warm-up updates.")
+    schedule: str = option("linear", "Decay after warm-up.", choices=SCHEDULES)
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    max_grad_norm: float = option(1.0, "Global-norm clip; 0 = none.")
+    lora_rank: int = option(16, "Adapter rank r.")
+    lora_alpha: float = option(32.0, "Adapter alpha (scale alpha / r).")
+    lora_dropout: float = option(0.05, "Dropout on the adapter input.")
+    lora_targets: str = option(",".join(lora.TARGETS), "Comma list of q,k,v,o,gate,up,down.")
+    dtype: str = option("float32", "Base weights and compute dtype.", choices=COMPUTE_DTYPES)
+    mesh_shape: str = option("", "'data,model' device mesh; default all on data.")
+    token_chunk: int = option(128, "Positions per fp32 logits chunk.")
+    eval_every: int = option(100, "Held-out loss every N updates; 0 = at the end.")
+    save_every: int = option(100, "Checkpoint every N updates; 0 = at the end.")
+    log_every: int = option(10, "Progress line every N updates; 0 = none.")
+    seed: int = option(42, "Seed of the split, data order, adapters and dropout.")
+    resume: bool = option(False, "Continue the run saved in --output_path.")
+    merge: bool = option(False, "Fold the best adapters into <output_path>/merged.")
+    merge_dtype: str = option("float32", "Merged weights dtype.", choices=COMPUTE_DTYPES)
+    quiet: bool = option(False, "No progress output.")
 
     def lora_config(self) -> lora.LoraConfig:
         targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
@@ -150,16 +153,16 @@ def check_options(opts: FinetuneOptions) -> None:
     if opts.schedule not in SCHEDULES:
         raise ValueError(f"--schedule={opts.schedule!r}: expected one of {', '.join(SCHEDULES)}")
     for name in ("dtype", "merge_dtype"):
-        if getattr(opts, name) not in DTYPES:
+        if getattr(opts, name) not in COMPUTE_DTYPES:
             raise ValueError(
-                f"--{name}={getattr(opts, name)!r}: expected one of {', '.join(DTYPES)}"
+                f"--{name}={getattr(opts, name)!r}: expected one of {', '.join(COMPUTE_DTYPES)}"
             )
     opts.lora_config().check()
     data_axis = (
         mesh_lib.parse_mesh_shape(opts.mesh_shape, candidates=False) or (1, jax.device_count(), 1)
     )[1]
     mesh_lib.check_batch_size("--micro_batch_size", opts.micro_batch_size, data_axis)
-    local = evaluation.resolve_model(opts.model_path, weights=False)
+    local = model_loader.resolve_model(opts.model_path, weights=False)
     if not checkpoint.is_checkpoint(local) and not os.path.isfile(
         os.path.join(local, "config.json")
     ):
@@ -168,24 +171,12 @@ def check_options(opts: FinetuneOptions) -> None:
             "folder or an HF directory with config.json"
         )
     finetune_data.source_kind(opts.data)
-    if not opts.output_path:
-        raise ValueError("--output_path is required")
-    run_file = os.path.join(opts.output_path, RUN_FILE)
-    if opts.resume and not os.path.isfile(run_file):
-        raise ValueError(f"--resume: {run_file} does not exist; nothing to resume")
-    if not opts.resume and os.path.exists(run_file):
-        raise ValueError(
-            f"--output_path={opts.output_path} already holds a fine-tuning run; pass --resume to "
-            "continue it or choose another output path"
-        )
+    folder = job.JobFolder(opts.output_path)
+    folder.check()
+    run_file = folder.check_start(RUN_FILE, opts.resume, "a fine-tuning run")
     if opts.resume:
         saved = atomic.read_json(run_file)["options"]
-        changed = sorted(k for k, v in opts.identity().items() if saved.get(k) != v)
-        if changed:
-            raise ValueError(
-                f"--resume: {', '.join('--' + k for k in changed)} differ from the run saved in "
-                f"{opts.output_path}"
-            )
+        job.check_resume_identity(saved, opts.identity(), "fine-tuning run", opts.output_path)
 
 
 @dataclasses.dataclass
@@ -234,7 +225,7 @@ class _Run:
     def __init__(self, opts: FinetuneOptions):
         self.opts = opts
         self.path = os.path.abspath(opts.output_path)
-        self.main = jax.process_index() == 0
+        self.main = job.is_writer()
         # Which run this is: recorded in run.json and in every checkpoint it writes.
         run_file = os.path.join(self.path, RUN_FILE)
         self.run_id = atomic.read_json(run_file).get("run_id") if opts.resume else uuid.uuid4().hex
@@ -257,8 +248,12 @@ class _Run:
         self.best_step = -1
 
     def say(self, text: str) -> None:
-        if not self.opts.quiet and self.main:
-            print(text, file=sys.stderr, flush=True)
+        """A report line (stdout): what was loaded, held-out losses, the merge."""
+        job.say(text, self.opts.quiet)
+
+    def progress(self, text: str) -> None:
+        """A progress line (stderr): the updates' losses, rates and ETA."""
+        job.progress(text, self.opts.quiet)
 
     def write_log(self) -> None:
         if self.main:
@@ -376,24 +371,17 @@ def finetune(opts: FinetuneOptions, flags_text: str | None = None) -> dict[str, 
 
     The run owns ``--output_path`` (``ownership.lock``) from start to end: a second run on the
     same folder is refused while this one lives."""
-    if not opts.output_path:
-        raise ValueError("--output_path is required")
-    if os.path.exists(opts.output_path) and not os.path.isdir(opts.output_path):
-        raise ValueError(f"--output_path={opts.output_path} exists and is not a directory")
-    owner = jax.process_index() == 0
-    with (
-        ownership.lock(opts.output_path, f"--output_path={opts.output_path}")
-        if owner
-        else contextlib.nullcontext()
-    ):
+    folder = job.JobFolder(opts.output_path)
+    folder.check()
+    with folder.owned():
         return _finetune(opts, flags_text)
 
 
 def _finetune(opts: FinetuneOptions, flags_text: str | None) -> dict[str, Any]:
     check_options(opts)
     mesh = mesh_lib.make_mesh(mesh_lib.parse_mesh_shape(opts.mesh_shape, candidates=False))
-    local = evaluation.resolve_model(opts.model_path)
-    tokenizer = evaluation.load_tokenizer(local)
+    local = model_loader.resolve_model(opts.model_path)
+    tokenizer = model_loader.load_tokenizer(local)
     data = _load_data(opts, tokenizer)
     run = _Run(opts)
     run.say(
@@ -404,8 +392,8 @@ def _finetune(opts: FinetuneOptions, flags_text: str | None) -> dict[str, Any]:
     )
     schedule = make_schedule(opts.learning_rate, data.total_steps, opts.warmup_steps, opts.schedule)
     optimizer = make_optimizer(schedule, opts.weight_decay, opts.max_grad_norm)
-    model = evaluation.load_model(
-        local, DTYPES[opts.dtype], functools.partial(mesh_lib.param_sharding, mesh)
+    model = model_loader.load_model(
+        local, COMPUTE_DTYPES[opts.dtype], functools.partial(mesh_lib.param_sharding, mesh)
     )
     adapters = lora.add_adapters(model, opts.lora_config(), opts.seed)
     trainer = Trainer(model, optimizer, mesh, seed=opts.seed, token_chunk=opts.token_chunk)
@@ -414,8 +402,7 @@ def _finetune(opts: FinetuneOptions, flags_text: str | None) -> dict[str, Any]:
 
     try:
         start = run.restore(trainer) if opts.resume else 0
-        if flags_text is not None and run.main:  # once the run is accepted
-            atomic.write_text(os.path.join(run.path, "flags.txt"), flags_text)
+        job.JobFolder(run.path).write_flags(flags_text)  # once the run is accepted
         if not opts.resume and run.main:
             atomic.write_json(
                 os.path.join(run.path, RUN_FILE),
@@ -478,7 +465,7 @@ def _train(
         )
         if opts.log_every and (done % opts.log_every == 0 or done == total):
             eta = (now - t0) / (done - start) * (total - done)
-            run.say(
+            run.progress(
                 f"step {done}/{total}: loss {result.loss:.4f}, lr {lr:.2e}, "
                 f"{window_tokens / window_seconds:,.0f} tokens/s, elapsed {clock(now - t0)}, "
                 f"ETA {clock(eta)}"
@@ -509,8 +496,8 @@ def merge(opts: FinetuneOptions) -> str:
         raise FileNotFoundError(f"{path}: no adapters to merge (no {BEST_DIR}/ or checkpoints)")
     folder, manager = source
     step = manager.latest_step()
-    local = evaluation.resolve_model(opts.model_path)
-    model = evaluation.load_model(local, DTYPES[opts.merge_dtype])
+    local = model_loader.resolve_model(opts.model_path)
+    model = model_loader.load_model(local, COMPUTE_DTYPES[opts.merge_dtype])
     lora.add_adapters(model, opts.lora_config(), opts.seed)
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
@@ -532,7 +519,6 @@ def merge(opts: FinetuneOptions) -> str:
         "eval_loss": restored.state.get("eval_loss"),
         "lora": dataclasses.asdict(opts.lora_config()),
     }
-    checkpoint.save(
-        out, model, extra={"recovery.json": provenance}, tokenizer=evaluation.load_tokenizer(local)
-    )
+    tokenizer = model_loader.load_tokenizer(local)
+    checkpoint.save(out, model, extra={"recovery.json": provenance}, tokenizer=tokenizer)
     return out

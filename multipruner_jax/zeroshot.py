@@ -12,7 +12,7 @@ import importlib.metadata
 import sys
 from typing import TextIO
 
-from multipruner_jax.progress import StatusLine, clock
+from multipruner_jax.console import StatusLine, clock
 from multipruner_jax.task_data import LoadedTasks
 
 

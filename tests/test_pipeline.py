@@ -191,17 +191,22 @@ def test_script_writes_reusable_flags_and_reports_errors(tiny_model_dir, tmp_pat
     assert state.steps
 
 
+def _eval_opts(path: str) -> evaluation.EvalOptions:
+    """Perplexity only, on the first 3 rows of 32 tokens, one device."""
+    return evaluation.EvalOptions(path, seqlen=32, windows=3, mesh_shape="1,1", tasks="")
+
+
 def test_evaluate_reads_checkpoints_and_exports_alike(searched, tmp_path):
     out, summary = searched
-    ckpt = evaluation.evaluate(str(out / "checkpoint"), seqlen=32, windows=3, mesh_shape=(1, 1))
+    ckpt = evaluation.evaluate(_eval_opts(str(out / "checkpoint")))
     assert ckpt["params"] == summary["pruned_params"] and ckpt["rows"] == 3
     assert 1.0 < ckpt["perplexity"] < float("inf")
     for fmt in ("padded", "compact"):  # the formats our loader reads
         export.export_checkpoint(str(out / "checkpoint"), str(tmp_path / fmt), fmt=fmt)
-        exported = evaluation.evaluate(str(tmp_path / fmt), seqlen=32, windows=3, mesh_shape=(1, 1))
+        exported = evaluation.evaluate(_eval_opts(str(tmp_path / fmt)))
         assert exported["perplexity"] == pytest.approx(ckpt["perplexity"], rel=1e-5)
     with pytest.raises(ValueError, match="windows"):
-        evaluation.evaluate(str(out / "checkpoint"), windows=-1)
+        evaluation.evaluate(evaluation.EvalOptions(str(out / "checkpoint"), windows=-1, tasks=""))
 
 
 def test_prefix_cache_only_when_it_fits(tiny_model_dir, tmp_path, monkeypatch):

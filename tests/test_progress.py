@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import io
 
-from multipruner_jax.progress import ConsoleProgress, StatusLine
+from multipruner_jax.console import StatusLine
+from multipruner_jax.progress import ConsoleProgress
 from multipruner_jax.search import Step
 
 

@@ -28,6 +28,7 @@ from multipruner_jax import (
     export,
     finetune_data,
     lora,
+    model_loader,
     recovery,
     surgery,
 )
@@ -319,7 +320,7 @@ def pruned_checkpoint(tmp_path_factory, tokenizer):
     hf = str(path / "hf")
     tiny_models.save_hf_model(hf, "llama_gqa", vocab_size=len(tokenizer))
     tokenizer.save_pretrained(hf)
-    model = _pruned(evaluation.load_model(hf))
+    model = _pruned(model_loader.load_model(hf))
     checkpoint.save(str(path / "checkpoint"), model, tokenizer=tokenizer)
     records = path / "alpaca.jsonl"
     records.write_text("\n".join(json.dumps(r) for r in _records(60)) + "\n")
@@ -401,11 +402,10 @@ def test_script_trains_logs_checkpoints_and_merges(script_run, pruned_checkpoint
     export.export_checkpoint(merged, str(tmp_path / "hf"))  # compact: the pruned shapes
     text = tmp_path / "eval.txt"
     text.write_text("\n\n".join(data.load_records(str(assets.sotu_dir()))[:30]))
-    kw = dict(dataset=str(text), seqlen=32, windows=2, mesh_shape=(1, 1))
-    ours = evaluation.evaluate(merged, **kw)["perplexity"]
-    assert evaluation.evaluate(str(tmp_path / "hf"), **kw)["perplexity"] == pytest.approx(
-        ours, rel=1e-5
-    )
+    kw = dict(dataset=str(text), seqlen=32, windows=2, mesh_shape="1,1", tasks="")
+    ours = evaluation.evaluate(evaluation.EvalOptions(merged, **kw))["perplexity"]
+    hf = evaluation.EvalOptions(str(tmp_path / "hf"), **kw)
+    assert evaluation.evaluate(hf)["perplexity"] == pytest.approx(ours, rel=1e-5)
 
 
 def test_resumed_run_repeats_the_uninterrupted_losses(script_run, pruned_checkpoint, tmp_path):

@@ -202,12 +202,12 @@ def test_seqlen_above_the_models_positions_is_warned_about(tiny_model_dir, tmp_p
 
 
 def test_a_model_folder_without_tokenizer_files_is_named(tiny_model_dir, tmp_path):
-    from multipruner_jax import evaluation
+    from multipruner_jax import model_loader
 
     case = tmp_path / "hf"
     shutil.copytree(tiny_model_dir, case, ignore=shutil.ignore_patterns("tokenizer*", "special*"))
     with pytest.raises(FileNotFoundError, match=f"{case} has no tokenizer"):
-        evaluation.load_tokenizer(str(case))
+        model_loader.load_tokenizer(str(case))
 
 
 def test_fine_tuning_data_errors_name_the_file(tmp_path, tiny_model_dir):

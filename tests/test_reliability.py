@@ -316,7 +316,8 @@ def test_evaluate_and_export_errors_name_the_flag(small_run, tmp_path):
 
 def test_the_prune_output_folder_works_where_a_checkpoint_is_expected(small_run, tmp_path):
     out, summary = small_run
-    result = evaluation.evaluate(str(out), seqlen=32, windows=2, mesh_shape=(1, 1))
+    options = evaluation.EvalOptions(str(out), seqlen=32, windows=2, mesh_shape="1,1", tasks="")
+    result = evaluation.evaluate(options)
     assert result["params"] == summary["pruned_params"]
     export.export_checkpoint(str(out), str(tmp_path / "hf"))
     assert (tmp_path / "hf" / "config.json").is_file()

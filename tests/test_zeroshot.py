@@ -17,7 +17,8 @@ import tiny_models
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from multipruner_jax import checkpoint, evaluation, export, surgery, task_data
+from multipruner_jax import checkpoint, evaluation, export, model_loader, surgery, task_data
+from multipruner_jax.evaluation import EvalOptions
 from multipruner_jax.lm_eval_adapter import JaxLM
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,7 +118,7 @@ def pruned(tmp_path_factory):
     corpus = [d["goal"] + " " + d["sol1"] + " " + d["sol2"] for d in piqa.eval_docs][:400]
     tokenizer = tiny_models.tiny_tokenizer(dense_dir, corpus)
     tiny_models.save_hf_model(dense_dir, "llama_gqa", vocab_size=300)
-    dense = evaluation.load_model(dense_dir)
+    dense = model_loader.load_model(dense_dir)
     layers = list(dense.spec.layers)
     layers[1] = dataclasses.replace(layers[1], has_attn=False)
     layers[2] = dataclasses.replace(layers[2], kv_groups=1, mlp_width=48)
@@ -179,18 +180,18 @@ def test_checkpoint_exports_and_meshes_agree(pruned):
 def test_bad_requests_fail_before_the_model_loads(tmp_path, monkeypatch):
     missing = str(tmp_path / "no_model")
     with pytest.raises(ValueError, match="--task_batch_size=3"):
-        evaluation.evaluate(missing, mesh_shape=(2, 1), tasks=("piqa",), task_batch_size=3)
+        evaluation.evaluate(EvalOptions(missing, mesh_shape="2,1", tasks="piqa", task_batch_size=3))
     with pytest.raises(task_data.TaskDataError, match="--num_fewshot=5"):
-        evaluation.evaluate(missing, tasks=("piqa",), num_fewshot=5, task_data="local")
+        evaluation.evaluate(EvalOptions(missing, tasks="piqa", num_fewshot=5, task_data="local"))
     with pytest.raises(ValueError, match="--limit=-1"):
-        evaluation.evaluate(missing, tasks=("piqa",), limit=-1)
+        evaluation.evaluate(EvalOptions(missing, tasks="piqa", limit=-1))
 
     def load_tasks(*_):
         raise AssertionError("the tasks were built before the model path was checked")
 
     monkeypatch.setattr(task_data, "load_tasks", load_tasks)
     with pytest.raises(FileNotFoundError, match="no_model"):
-        evaluation.evaluate(missing, tasks=("piqa",), task_data="local")
+        evaluation.evaluate(EvalOptions(missing, tasks="piqa", task_data="local"))
 
 
 def test_generate_until_is_refused_naming_the_task(pruned):

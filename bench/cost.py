@@ -68,7 +68,7 @@ def masked_flops(
 
 
 @dataclass(frozen=True)
-class Stage:
+class StageWork:
     """One stage of a projected search: ``evaluations`` candidate scores (and ``steps`` prefix
     cache passes) on ``rows`` rows of ``seq`` tokens."""
 
@@ -91,7 +91,7 @@ class Projection:
 
 def project(
     spec: ModelSpec,
-    stages: Sequence[Stage],
+    stages: Sequence[StageWork],
     seq: int,
     *,
     chips: int,
@@ -136,7 +136,7 @@ def project(
     )
 
 
-def clock(seconds: float) -> str:
+def rough_duration(seconds: float) -> str:
     """``h:mm`` (or ``m:ss`` under an hour)."""
     if seconds < 3600 - 0.5:
         seconds = int(round(seconds))
