@@ -90,6 +90,35 @@ def define_flags(cls: type, module: str, flag_values: flags.FlagValues = flags.F
             _DEFINE[kind](field.name, default, help_text, **common)
 
 
+def define_distributed_flags(module: str) -> None:
+    """The flags that join a multi-process run, as flags of the script ``module``."""
+    key = dict(module_name=module)
+    flags.DEFINE_bool(
+        "distributed", False, "Join a multi-process run (jax.distributed) first.", **key
+    )
+    flags.DEFINE_string(
+        "coordinator_address", None, "host:port of process 0 (auto on Cloud TPU).", **key
+    )
+    flags.DEFINE_integer("num_processes", None, "Processes in the run (auto on Cloud TPU).", **key)
+    flags.DEFINE_integer("process_id", None, "This process's index (auto on Cloud TPU).", **key)
+    flags.DEFINE_integer(
+        "coordinator_timeout", 120, "Seconds to reach the coordinator or a peer.", **key
+    )
+
+
+def join_if_distributed() -> None:
+    """Join the multi-process run that ``--distributed`` asks for (before any other JAX work)."""
+    if flags.FLAGS.distributed:
+        from multipruner_jax import mesh
+
+        mesh.initialize_distributed(
+            flags.FLAGS.coordinator_address,
+            flags.FLAGS.num_processes,
+            flags.FLAGS.process_id,
+            flags.FLAGS.coordinator_timeout,
+        )
+
+
 def options_from_flags(cls: type, module: str) -> tuple[Any, str]:
     """The dataclass ``cls`` filled from the flags script ``module`` defines (fields it has),
     and those flags as flagfile text (``flags.txt``)."""

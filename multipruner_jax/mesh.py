@@ -92,6 +92,12 @@ def make_mesh(shape: tuple[int, ...] | None = None) -> Mesh:
         raise ValueError(
             f"mesh shape {shape} needs {math.prod(shape)} devices; {len(devices)} are available"
         )
+    if jax.process_count() > 1 and math.prod(shape) != len(devices):
+        raise ValueError(
+            f"mesh shape {shape} uses {math.prod(shape)} of the {len(devices)} devices of a "
+            f"{jax.process_count()}-process run; expected a mesh over all of them (every "
+            "process must hold its part of the mesh)"
+        )
     grid = np.asarray(devices[: math.prod(shape)]).reshape(shape)
     return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 

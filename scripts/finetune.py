@@ -5,19 +5,14 @@ and with ``--merge`` folds the best adapters into a checkpoint that ``scripts/ev
 ``scripts/export_hf.py`` read. See ``multipruner_jax/recovery.py`` for the output layout.
 """
 
-from absl import flags
-
 from multipruner_jax import agreement, cli, mesh, recovery
 
 cli.define_flags(recovery.FinetuneOptions, __name__)  # the job's flags, with their help
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host TPU).")
-
-FLAGS = flags.FLAGS
+cli.define_distributed_flags(__name__)
 
 
 def main() -> None:
-    if FLAGS.distributed:
-        mesh.initialize_distributed()
+    cli.join_if_distributed()
     opts, flags_text = cli.options_from_flags(recovery.FinetuneOptions, __name__)
     with mesh.leave_on_error():
         agreement.check_same_options(opts)

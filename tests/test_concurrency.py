@@ -7,17 +7,28 @@ ownership is checked with a second process holding the lock, and with killed wri
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import tiny_models
 from test_distributed import _free_port, _launch, _options
 
-from multipruner_jax import agreement, atomic, checkpoint, ownership, pipeline
+from multipruner_jax import (
+    agreement,
+    assets,
+    atomic,
+    checkpoint,
+    data,
+    ownership,
+    pipeline,
+    recovery,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,6 +71,100 @@ def test_processes_with_different_options_all_fail_at_once(tiny_model_dir, tmp_p
         assert "Traceback" not in err
     assert time.monotonic() - start < 120
     assert not out.exists()
+
+
+def _finetune_options(model_dir: str, tmp_path, **changes) -> recovery.FinetuneOptions:
+    records = tmp_path / "records.txt"
+    records.write_text("\n\n".join(data.load_records(str(assets.sotu_dir()))[:40]) + "\n")
+    base = dict(
+        model_path=model_dir,
+        output_path=str(tmp_path / "out"),
+        data=str(records),
+        eval_examples=8,
+        max_len=64,
+        micro_batch_size=8,
+        max_steps=2,
+        warmup_steps=1,
+        mesh_shape="8,1",
+        quiet=True,
+    )
+    return recovery.FinetuneOptions(**{**base, **changes})
+
+
+def _finetune_processes(options, *changes: dict) -> list[tuple[int, str, str]]:
+    """``finetune.py`` as processes 0 and 1 of a local run (``changes``: per process)."""
+    port = _free_port()
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "PYTHONPATH": REPO,
+    }
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                os.path.join(REPO, "scripts", "finetune.py"),
+                *tiny_models.prune_flags(dataclasses.replace(options, **change)),
+                "--distributed",
+                f"--coordinator_address=localhost:{port}",
+                "--num_processes=2",
+                f"--process_id={process}",
+                "--coordinator_timeout=20",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for process, change in enumerate(changes)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    return [(p.returncode, *out) for p, out in zip(procs, outs, strict=True)]
+
+
+def test_two_fine_tuning_processes_train_one_model(tiny_model_dir, tmp_path):
+    """Two processes of 4 devices fine-tune as one: both finish, only process 0 writes, and the
+    held-out losses equal those of one process with the same 8 devices on its data axis."""
+    options = _finetune_options(tiny_model_dir, tmp_path)
+    done = _finetune_processes(options, {}, {})
+    for code, _, err in done:
+        assert code == 0, err[-3000:]
+    one_out = tmp_path / "one"
+    recovery.finetune(dataclasses.replace(options, output_path=str(one_out)))
+    two, one = (
+        json.loads((out / "log.json").read_text())["evals"] for out in (tmp_path / "out", one_out)
+    )
+    assert [e["step"] for e in two] == [e["step"] for e in one] == [0, 2]
+    np.testing.assert_allclose([e["loss"] for e in two], [e["loss"] for e in one], rtol=1e-5)
+
+
+def test_a_mesh_that_leaves_out_a_process_is_one_sentence(tiny_model_dir, tmp_path):
+    """Before: process 1 failed inside jax.make_array_from_callback ("no addressable shards")
+    and process 0 with a Gloo error while writing its first checkpoint."""
+    options = _finetune_options(tiny_model_dir, tmp_path, mesh_shape="4,1", micro_batch_size=4)
+    for process, (code, _, err) in enumerate(_finetune_processes(options, {}, {})):
+        assert code == 1, err[-3000:]
+        assert err.splitlines()[-1] == (
+            f"error (process {process} of 2): mesh shape (1, 4, 1) uses 4 of the 8 devices of "
+            "a 2-process run; expected a mesh over all of them (every process must hold its "
+            "part of the mesh)"
+        )
+
+
+def test_fine_tuning_processes_with_different_options_all_fail_at_once(tiny_model_dir, tmp_path):
+    """finetune.py joins a local multi-process run with the same flags as prune.py, and its
+    processes compare their options before any work."""
+    options = _finetune_options(tiny_model_dir, tmp_path)
+    start = time.monotonic()
+    outs = _finetune_processes(options, {"learning_rate": 1e-3}, {"learning_rate": 2e-3})
+    for process, (code, _, err) in enumerate(outs):
+        assert code == 1, err[-3000:]
+        expected = f"error (process {process} of 2): --learning_rate differs between process 0 and "
+        assert expected in err, err[-3000:]
+        assert "Traceback" not in err
+    assert time.monotonic() - start < 120
+    assert not (tmp_path / "out").exists()
 
 
 def test_option_hashes_name_the_first_difference(tmp_path):
