@@ -146,17 +146,17 @@ def _sliding_window(config: PretrainedConfig) -> int | None:
 
     Cache slots are handed out in layer order to the layers that keep attention, and transformers
     builds the cache's slots from the config's layer types, so those must all be alike."""
-    if not FAMILIES[config.model_type]["window"]:
-        return None
-    window = getattr(config, "sliding_window", None)
     types = getattr(config, "layer_types", None)
-    if types is None:
-        return window
-    if len(set(types)) > 1:
+    if types is not None and len(set(types)) > 1:
         raise ValueError(
             "config.json layer_types mixes attention types; this model needs one type for all "
             "layers"
         )
+    if not FAMILIES[config.model_type]["window"]:
+        return None
+    window = getattr(config, "sliding_window", None)
+    if types is None:
+        return window
     return window if types and types[0] == "sliding_attention" else None
 
 
