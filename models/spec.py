@@ -4,6 +4,9 @@ A ``ModelSpec`` says everything needed to build a decoder: the family-wide const
 hidden size, rope, norms, biases) and, per layer, what survives pruning: whether the attention and
 MLP blocks exist, how many KV groups (each with its ``q_per_kv`` query heads) and how many MLP
 channels are kept. A pruned model is therefore just a model built from a smaller spec.
+
+The keys in which the families' configs differ (biases, q/k norms, sliding windows, the
+architecture name) are read and written through the family table, ``models/families.py``.
 """
 
 from __future__ import annotations
@@ -13,25 +16,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
+from models.families import FAMILIES
+
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-# The shape fields of Llama-2-7B's config.json, the paper's main model: its parameter counts
-# are checked against the paper's, and bench/projection.py projects search times from it.
-LLAMA2_7B_CONFIG = {
-    "model_type": "llama",
-    "vocab_size": 32000,
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-}
 
 
 class SpecError(ValueError):
@@ -138,13 +126,6 @@ def _rope_from_hf(cfg: dict[str, Any]) -> RopeSpec:
     return RopeSpec(**kw)
 
 
-def _sliding_window(cfg: dict[str, Any], model_type: str) -> int | None:
-    window = cfg.get("sliding_window")
-    if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
-        return None
-    return int(window) if window else None
-
-
 def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
     """Build a dense ``ModelSpec`` from an HF ``config.json`` dict (transformers 4.x or 5.x)."""
     model_type = cfg.get("model_type")
@@ -170,12 +151,8 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
             f"config.json num_attention_heads={heads} is not a multiple of "
             f"num_key_value_heads={kv_heads}"
         )
-    if model_type == "qwen2":
-        qkv_bias, o_bias = True, False
-    elif model_type == "mistral":
-        qkv_bias = o_bias = False
-    else:
-        qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
+    family = FAMILIES[model_type]
+    qkv_bias, o_bias = family.read_biases(cfg)
     layers = tuple(LayerSpec(True, kv_heads, True, inter) for _ in range(n_layers))
     return ModelSpec(
         model_type=model_type,
@@ -190,8 +167,8 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=qkv_bias,
         o_bias=o_bias,
-        qk_norm=model_type == "qwen3",
-        sliding_window=_sliding_window(cfg, model_type),
+        qk_norm=family.qk_norm,
+        sliding_window=family.read_window(cfg),
         max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
         layers=layers,
         bos_token_id=cfg.get("bos_token_id"),
@@ -216,25 +193,6 @@ def _rope_parameters(rope: RopeSpec) -> dict[str, Any]:
     return params
 
 
-def _family_fields(spec: ModelSpec) -> dict[str, Any]:
-    """The keys that differ between llama, mistral, qwen2 and qwen3 configs."""
-    if spec.model_type == "llama":
-        return {"attention_bias": spec.qkv_bias, "mlp_bias": False, "pretraining_tp": 1}
-    if spec.model_type == "mistral":
-        return {"sliding_window": spec.sliding_window}
-    sliding = spec.sliding_window is not None
-    fields: dict[str, Any] = {
-        "use_sliding_window": sliding,
-        "sliding_window": spec.sliding_window,
-        # Our decoder applies the window to every layer, so every layer is a window layer.
-        "max_window_layers": 0 if sliding else spec.num_layers,
-        "layer_types": [("sliding_attention" if sliding else "full_attention")] * spec.num_layers,
-    }
-    if spec.model_type == "qwen3":
-        fields["attention_bias"] = spec.qkv_bias
-    return fields
-
-
 def spec_to_hf_config(spec: ModelSpec, dtype: str = "float32") -> dict[str, Any]:
     """The dense transformers-5 ``config.json`` dict of ``spec``'s family and dimensions.
 
@@ -242,8 +200,9 @@ def spec_to_hf_config(spec: ModelSpec, dtype: str = "float32") -> dict[str, Any]
     Raises ``SpecError`` when the spec is not expressible in its family's config (for example
     biases a Mistral model cannot have): the dict always reads back to ``dense_spec(spec)``.
     """
+    family = FAMILIES[spec.model_type]
     cfg: dict[str, Any] = {
-        "architectures": [ARCHITECTURES[spec.model_type]],
+        "architectures": [family.architecture],
         "model_type": spec.model_type,
         "vocab_size": spec.vocab_size,
         "hidden_size": spec.hidden_size,
@@ -263,7 +222,7 @@ def spec_to_hf_config(spec: ModelSpec, dtype: str = "float32") -> dict[str, Any]
         "bos_token_id": spec.bos_token_id,
         "eos_token_id": spec.eos_token_id,
         "dtype": dtype,
-        **_family_fields(spec),
+        **family.write_keys(spec.qkv_bias, spec.sliding_window, spec.num_layers),
     }
     if spec_from_hf_config(cfg) != dense_spec(spec):
         raise SpecError(f"this {spec.model_type} spec cannot be written as an HF config: {spec}")

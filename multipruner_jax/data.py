@@ -7,11 +7,13 @@ perplexity is computed: the records are joined with ``"\\n\\n"``, tokenized once
 the tokenizer's default special tokens, truncated to a multiple of ``seqlen`` and cut into
 non-overlapping rows.
 
-A source is a named dataset loaded with ``datasets`` (``alpaca``, ``wikitext2``, ``c4``, ``ptb``)
-or a local path: a ``.txt`` file or a folder of them (records are paragraphs separated by blank
-lines), a ``.jsonl`` file (a ``text`` field, or Alpaca ``instruction``/``input``/``output`` fields
-rendered with the Alpaca prompt), or a ``datasets`` ``save_to_disk`` folder. Windows can be cached
-as ``.npy`` files keyed by everything that determines them.
+A source is a named dataset loaded with ``datasets`` (``alpaca``, ``wikitext2``, ``c4``, ``ptb``) or
+a local path: a ``.txt`` file or a folder of them (records are paragraphs separated by blank lines),
+a ``.jsonl`` file or a ``.json`` list of objects (a ``text`` field, or Alpaca
+``instruction``/``input``/``output`` fields rendered with the Alpaca prompt), or a ``datasets``
+``save_to_disk`` folder. Local files are read by ``records.py`` (with its errors naming the file and
+line); this module turns their records into the pool's texts. Windows can be cached as ``.npy``
+files keyed by everything that determines them.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from multipruner_jax import assets, atomic
+from multipruner_jax import assets, atomic, records
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -53,9 +55,11 @@ ALPACA_PROMPT_WITH_INPUT = (
 _CACHE_VERSION = 2  # 2: keyed by the tokenizer's and the text files' content
 _ACCEPTED = (
     f"one of {', '.join(NAMED_SOURCES)}, or a path to a .txt file, a folder of .txt files, a "
-    ".jsonl file (a 'text' field or Alpaca 'instruction'/'input'/'output' fields) or a datasets "
-    "save_to_disk folder"
+    ".jsonl file or .json list (a 'text' field or Alpaca 'instruction'/'input'/'output' fields) "
+    "or a datasets save_to_disk folder"
 )
+# The kinds of local source (``records.KINDS``) that calibration and evaluation read.
+_LOCAL_KINDS = ("txt", "txt_dir", "jsonl", "json", "arrow")
 _log = logging.getLogger(__name__)
 
 
@@ -193,7 +197,7 @@ def load_records(source: str, *, wikitext2_path: str | None = None) -> list[str]
     kind, path = _resolve(source)
     if kind == "named":
         return _NAMED_LOADERS[source](wikitext2_path)
-    return _LOCAL_LOADERS[kind](path)
+    return _pool_texts(source, kind)
 
 
 def format_alpaca(instruction: str, input: str, output: str) -> str:
@@ -225,17 +229,13 @@ def check_source(source: str, *, evaluation: bool = False) -> None:
 
 
 def _resolve(source: str) -> tuple[str, Path | None]:
-    """Classify ``source``: ``("named", None)`` or (``txt|jsonl|arrow|txt_dir``, its path)."""
+    """Classify ``source``: ``("named", None)`` or (one of ``_LOCAL_KINDS``, its path)."""
     if source in NAMED_SOURCES:
         return "named", None
     path = Path(source)
-    if path.is_file() and path.suffix in (".txt", ".jsonl"):
-        return path.suffix[1:], path
-    if path.is_dir():
-        if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
-            return "arrow", path
-        if any(path.glob("*.txt")):
-            return "txt_dir", path
+    kind = records.local_kind(source)
+    if kind in _LOCAL_KINDS:
+        return kind, path
     what = "exists but is not a supported source" if path.exists() else "is unknown"
     raise ValueError(f"text source {source!r} {what}: expected {_ACCEPTED}")
 
@@ -331,54 +331,18 @@ def _read_cached(paths: list[Path], seqlen: int) -> tuple[np.ndarray, ...] | Non
     return tuple(arrays)
 
 
-def _decode(path: Path) -> str:
-    """The UTF-8 text of ``path``; a decoding error names the file and its line."""
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = raw.count(b"\n", 0, error.start) + 1
-        raise ValueError(
-            f"{path}:{line}: not UTF-8 text ({error.reason} at byte {error.start})"
-        ) from None
-
-
-def _read_txt(path: Path) -> list[str]:
-    """Non-empty paragraphs (separated by blank lines), whitespace-stripped."""
-    text = _decode(path).replace("\r\n", "\n")
-    return [p.strip() for p in re.split(r"\n[ \t]*\n", text) if p.strip()]
-
-
-def _read_txt_dir(path: Path) -> list[str]:
-    return [record for file in sorted(path.glob("*.txt")) for record in _read_txt(file)]
-
-
-def _read_jsonl(path: Path) -> list[str]:
-    records = []
-    for number, line in enumerate(_decode(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not a JSON object ({error.msg})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-        records.append(_record_text(row, f"{path}:{number}"))
-    return records
-
-
-def _read_arrow(path: Path) -> list[str]:
-    import datasets
-
-    dataset = datasets.load_from_disk(str(path))
-    if isinstance(dataset, datasets.DatasetDict):
-        raise ValueError(
-            f"{path} holds several splits ({', '.join(dataset)}); pass one split's folder"
-        )
-    if "text" in dataset.column_names:
-        return list(dataset["text"])
-    return [_record_text(row, f"{path} row {i}") for i, row in enumerate(dataset)]
+def _pool_texts(source: str, kind: str) -> list[str]:
+    """The calibration records of a local source: every non-empty paragraph (separated by blank
+    lines, whitespace-stripped) of its text files, or the text of each JSON object or row."""
+    found = records.read(source, kind)
+    if kind in ("txt", "txt_dir"):
+        return [
+            paragraph.strip()
+            for record in found
+            for paragraph in re.split(r"\n[ \t]*\n", record.fields["text"])
+            if paragraph.strip()
+        ]
+    return [_record_text(record.fields, record.where) for record in found]
 
 
 def _record_text(row: dict, where: str) -> str:
@@ -423,7 +387,7 @@ def install_wikitext2(source: str | os.PathLike[str], root: str | None = None) -
 
 
 def _checked_wikitext2(local: Path) -> list[str]:
-    rows = _read_jsonl(local)
+    rows = [_record_text(r.fields, r.where) for r in records.read(str(local), "jsonl")]
     digest = hashlib.sha256("\n\n".join(rows).encode("utf-8")).hexdigest()
     if digest != WIKITEXT2_TEST_SHA256:
         raise ValueError(f"{local} is not the wikitext-2-raw-v1 test split (sha256 {digest})")
@@ -473,10 +437,4 @@ _NAMED_LOADERS: dict[str, Callable[[str | None], list[str]]] = {
     "wikitext2": _load_wikitext2,
     "c4": _load_c4,
     "ptb": _load_ptb,
-}
-_LOCAL_LOADERS: dict[str, Callable[[Path], list[str]]] = {
-    "txt": _read_txt,
-    "txt_dir": _read_txt_dir,
-    "jsonl": _read_jsonl,
-    "arrow": _read_arrow,
 }

@@ -2,17 +2,21 @@
 
 Two kinds of source:
 
-* **Instruction records** with ``instruction``, optional ``input`` and ``output`` strings: an
-  Alpaca ``.json`` file (a list of records), a ``.jsonl`` file, or a Hugging Face hub dataset id
-  such as ``yahma/alpaca-cleaned`` (its ``train`` split, read with ``datasets``). Each record is
-  rendered with the Alpaca-LoRA template (``data.ALPACA_PROMPT[_WITH_INPUT]``); the prompt is the
-  template up to and including ``"### Response:\\n"``. As in Alpaca-LoRA, the full text is
-  tokenized (the tokenizer's default special tokens, truncated to ``max_len``), EOS is appended
-  when it fits, and only the tokens after the prompt's own token count are targets.
+* **Instruction records** with ``instruction``, optional ``input`` and ``output`` strings: an Alpaca
+  ``.json`` file (a list of records), a ``.jsonl`` file, a ``datasets`` ``save_to_disk`` folder of
+  one split, or a Hugging Face hub dataset id such as ``yahma/alpaca-cleaned`` (its ``train`` split,
+  read with ``datasets``). Each record is rendered with the Alpaca-LoRA template
+  (``data.ALPACA_PROMPT[_WITH_INPUT]``); the prompt is the template up to and including
+  ``"### Response:\\n"``. As in Alpaca-LoRA, the full text is tokenized (the tokenizer's default
+  special tokens, truncated to ``max_len``), EOS is appended when it fits, and only the tokens after
+  the prompt's own token count are targets.
 * **Plain text** as causal-LM data: a ``.txt`` file, a folder of ``.txt`` files, or a glob such as
   ``.assets/sotu/1*.txt``. Every document is tokenized, followed by EOS, the documents are
   concatenated and cut into rows of exactly ``max_len`` tokens (the tail is dropped); every token
   after a row's first is a target.
+
+Local files are read by ``records.py`` (one reader, one set of errors naming the file and line);
+this module checks and tokenizes what it reads.
 
 An ``Example`` is ``tokens: int32[n]`` with ``weights: float32[n]``, ``weights[j] = 1`` when token
 ``j`` is a target (it is predicted from position ``j - 1``; ``weights[0]`` is always 0). Batches
@@ -24,23 +28,22 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import math
-import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from multipruner_jax import records
 from multipruner_jax.data import format_alpaca
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 _ACCEPTED = (
-    "an Alpaca .json or .jsonl file (instruction/input/output), a .txt file, a folder of .txt "
-    "files, a glob of .txt files, or a Hugging Face dataset id such as yahma/alpaca-cleaned"
+    "an Alpaca .json or .jsonl file or datasets save_to_disk folder (instruction/input/output), a "
+    ".txt file, a folder of .txt files, a glob of .txt files, or a Hugging Face dataset id such "
+    "as yahma/alpaca-cleaned"
 )
 
 
@@ -69,18 +72,20 @@ class Batch:
 # -- sources ----------------------------------------------------------------------------------
 
 
+# The kinds of local source (``records.KINDS``) fine-tuning reads, by the examples they give.
+_RECORD_KINDS = ("json", "jsonl", "arrow")
+_TEXT_KINDS = ("txt", "txt_dir", "txt_glob")
+
+
 def source_kind(source: str) -> str:
     """``"records"`` or ``"text"`` for a source (see the module docstring); raises
     ``ValueError`` naming the source when it is neither."""
-    path = Path(source)
-    if path.is_file() and path.suffix in (".json", ".jsonl"):
+    kind = records.local_kind(source)
+    if kind in _RECORD_KINDS:
         return "records"
-    if path.is_file() and path.suffix == ".txt":
+    if kind in _TEXT_KINDS:
         return "text"
-    if path.is_dir() and any(path.glob("*.txt")):
-        return "text"
-    if not path.exists() and glob.has_magic(source) and _glob_txt(source):
-        return "text"
+    path = Path(source)
     local = path.suffix in (".json", ".jsonl", ".txt") or source.startswith((".", "/"))
     if not path.exists() and not local and not glob.has_magic(source) and source.count("/") == 1:
         return "records"
@@ -88,67 +93,17 @@ def source_kind(source: str) -> str:
     raise ValueError(f"fine-tuning data {source!r} {what}: expected {_ACCEPTED}")
 
 
-def _glob_txt(pattern: str) -> list[str]:
-    return sorted(p for p in glob.glob(pattern) if p.endswith(".txt") and os.path.isfile(p))
-
-
 def read_records(source: str) -> list[dict[str, str]]:
-    """Instruction records of a ``.json``/``.jsonl`` file or a hub dataset id, checked: every
-    record needs ``instruction`` and ``output`` strings (``input``, if present, a string)."""
-    path = Path(source)
-    if path.suffix == ".jsonl" and path.is_file():
-        return [_check_record(row, f"{path}:{line}") for line, row in _jsonl_rows(path)]
-    if path.suffix == ".json" and path.is_file():
-        return [_check_record(row, f"{path}:{line}") for line, row in _json_array_rows(path)]
+    """Instruction records of a ``.json``/``.jsonl`` file, an Arrow folder or a hub dataset id,
+    checked: every record needs ``instruction`` and ``output`` strings (``input``, if present, a
+    string)."""
+    kind = records.local_kind(source)
+    if kind in _RECORD_KINDS:
+        return [_check_record(r.fields, r.where) for r in records.read(source, kind)]
     return _hub_records(source)
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    yield number, json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-
-
-def _json_array_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """The elements of a JSON array file, each with the line it starts on."""
-    text = path.read_text(encoding="utf-8")
-    decoder = json.JSONDecoder()
-    pos = _skip(text, 0, "")
-    if not text.startswith("[", pos):
-        raise ValueError(f"{path}: expected a JSON list of records")
-    pos = _skip(text, pos + 1, "")
-    while not text.startswith("]", pos):
-        line = text.count("\n", 0, pos) + 1
-        try:
-            row, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        yield line, row
-        pos = _skip(text, pos, ",")
-    if text[pos + 1 :].strip():
-        raise ValueError(f"{path}:{text.count(chr(10), 0, pos) + 1}: text after the list")
-
-
-def _skip(text: str, pos: int, separator: str) -> int:
-    """Position of the next non-blank character after at most one ``separator``."""
-    while pos < len(text) and text[pos].isspace():
-        pos += 1
-    if separator and text.startswith(separator, pos):
-        pos += 1
-        while pos < len(text) and text[pos].isspace():
-            pos += 1
-    if pos >= len(text):
-        raise ValueError("unexpected end of the JSON list")
-    return pos
-
-
-def _check_record(row: Any, where: str) -> dict[str, str]:
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object with instruction/input/output")
+def _check_record(row: dict[str, Any], where: str) -> dict[str, str]:
     missing = [k for k in ("instruction", "output") if not isinstance(row.get(k), str)]
     if missing or not isinstance(row.get("input", ""), str | None):
         bad = ", ".join(repr(k) for k in missing) or "'input'"
@@ -178,21 +133,9 @@ def _hub_records(dataset_id: str) -> list[dict[str, str]]:
 
 def read_texts(source: str) -> list[str]:
     """The documents of a ``.txt`` file, a folder of ``.txt`` files or a glob, in name order."""
-    path = Path(source)
-    if path.is_file():
-        files = [str(path)]
-    elif path.is_dir():
-        files = sorted(str(p) for p in path.glob("*.txt"))
-    else:
-        files = _glob_txt(source)
-    texts = []
-    for file in files:
-        try:
-            texts.append(Path(file).read_text(encoding="utf-8"))
-        except UnicodeDecodeError as error:
-            error.filename = file  # named in load_examples' message
-            raise
-    return texts
+    if source_kind(source) != "text":
+        raise ValueError(f"fine-tuning data {source!r}: expected .txt files for plain text")
+    return [r.fields["text"] for r in records.read(source, records.local_kind(source))]
 
 
 # -- tokenization -----------------------------------------------------------------------------
@@ -242,15 +185,12 @@ def load_examples(
     kind = source_kind(source)
     try:
         if kind == "records":
-            records = read_records(source)
-            examples = [instruction_example(r, tokenizer, max_len) for r in records]
+            found = read_records(source)
+            examples = [instruction_example(r, tokenizer, max_len) for r in found]
         else:
             examples = text_examples(read_texts(source), tokenizer, max_len)
-    except UnicodeDecodeError as error:
-        where = getattr(error, "filename", None) or source
-        raise ValueError(
-            f"--data={where}: not UTF-8 text ({error.reason} at byte {error.start})"
-        ) from None
+    except records.SourceError as error:
+        raise ValueError(f"--data={error}") from None
     if not examples:
         raise ValueError(f"--data={source}: holds no records; expected at least one")
     return kind, examples

@@ -74,7 +74,8 @@ class PruneOptions:
     attn_channel_group_size: int = option(128, "Query channels removed per step (whole KV groups).")
     calibration_dataset: str = option(
         "alpaca",
-        "alpaca|wikitext2|c4|ptb, or a local .txt/.jsonl file, folder of .txt, or Arrow folder.",
+        "alpaca|wikitext2|c4|ptb, or a local .txt/.jsonl/.json file, folder of .txt, or Arrow "
+        "folder.",
     )
     num_calibration_samples_block: int = option(256, "Records drawn for the block stage.")
     num_calibration_samples_width: int = option(

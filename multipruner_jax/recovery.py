@@ -80,7 +80,8 @@ class FinetuneOptions:
     output_path: str = option(help="Output directory.")
     data: str = option(
         "yahma/alpaca-cleaned",
-        "Alpaca .json/.jsonl, .txt file, folder or glob of .txt, or a hub dataset id.",
+        "Alpaca .json/.jsonl or Arrow folder, .txt file, folder or glob of .txt, or a hub dataset "
+        "id.",
     )
     eval_examples: int = option(2000, "Held-out records or text rows (seed).")
     max_len: int = option(256, "Tokens per example (records are truncated).")

@@ -4,6 +4,12 @@ Each step scores every candidate of the current stage on the current (already sh
 masks, removes the one with the lowest calibration perplexity (strict ``<``: ties go to the earlier
 candidate, attention before MLP, lower layer first), and rebuilds a physically smaller model.
 A stage loops while the parameter ratio is below its cumulative target.
+
+Everything that differs between the stages lives in one table, ``STAGE_RULES``: which
+candidates a stage offers and in which order, how removing one changes a layer and which masks
+emulate it, the calibration set that scores it, whether a step uses a candidate up, how far the
+stage can reach (``check_targets``) and its names in messages. The search loop, the replay, the
+time estimate and the target checks read the table and never branch on a stage's name.
 """
 
 from __future__ import annotations
@@ -13,12 +19,12 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 from models import masks as masks_lib
 from models.decoder import CausalLM
 from models.masks import Masks
-from models.spec import ModelSpec, count_params, pruned_ratio
+from models.spec import LayerSpec, ModelSpec, count_params, pruned_ratio
 from multipruner_jax import near_ties, surgery
 from multipruner_jax import step as step_lib
 from multipruner_jax.mesh import ShardingFor
@@ -26,7 +32,6 @@ from multipruner_jax.scoring import Scorer, Slot
 
 Stage = Literal["block", "mlp_width", "attn_head"]
 Kind = Literal["attn", "mlp"]
-STAGES: tuple[Stage, ...] = get_args(Stage)
 
 
 @dataclass(frozen=True)
@@ -97,64 +102,8 @@ def _smallest_width(width: int, group: int) -> int:
     return (width - 1) % group + 1
 
 
-def check_targets(dense: ModelSpec, settings: Settings) -> None:
-    """Raise ``ValueError`` when a stage's cumulative target is out of its reach on ``dense``.
-
-    Computed from the spec alone. Each bound is an upper limit whatever the earlier stages pick:
-    stage 1 stops at most one block past its target; stage 2 can at most narrow every MLP to its
-    smallest width; stage 3 every attention block to its last KV groups. A target above its bound
-    cannot be met, so the run is refused before any weight is read.
-    """
-    total = count_params(dense)
-    every = range(dense.num_layers)
-
-    def removed(spec: ModelSpec) -> float:
-        """Percent of ``dense``'s parameters that ``spec`` lacks."""
-        return 100.0 * (total - count_params(spec)) / total
-
-    (a, b, c), targets = settings.distribution, settings.stage_targets()
-    mlp_min = _smallest_width(dense.intermediate_size, settings.mlp_group)
-    kv_min = _smallest_width(dense.num_key_value_heads, _kv_groups_per_step(dense, settings))
-    largest_block = max(
-        removed(_changed(dense, [i], **{kind: False}))
-        for i in every
-        for kind in ("has_attn", "has_mlp")
-    )
-    mlp_step = removed(
-        _changed(dense, [0], mlp_width=max(mlp_min, dense.intermediate_size - settings.mlp_group))
-    )
-
-    def refuse(stage: str, target: float, most: float, why: str) -> None:
-        raise ValueError(
-            f"--target_ratio={settings.target_ratio:g} with this --pruning_distribution asks the "
-            f"{stage} stage to reach {target:.2f}% removed, but it can reach at most "
-            f"{most:.2f}% ({why}); lower the target or change the distribution or group sizes"
-        )
-
-    after_blocks = 0.0
-    if a > 0:
-        most = removed(_changed(dense, every, has_attn=False, has_mlp=False))
-        if targets[0] > most:
-            refuse("block", targets[0], most, "every attention and MLP block removed")
-        after_blocks = targets[0] + largest_block
-    after_mlp = after_blocks
-    if b > 0:
-        most = after_blocks + removed(_changed(dense, every, mlp_width=mlp_min))
-        if targets[1] > most:
-            why = (
-                f"--mlp_channel_group_size={settings.mlp_group} leaves every MLP at least "
-                f"{mlp_min} channels"
-            )
-            refuse("MLP-width", targets[1], most, why)
-        after_mlp = max(after_blocks, targets[1] + mlp_step)
-    if c > 0:
-        most = after_mlp + removed(_changed(dense, every, kv_groups=kv_min))
-        if targets[2] > most:
-            why = (
-                f"--attn_channel_group_size={settings.attn_group} leaves every attention block "
-                f"at least {kv_min} of its {dense.num_key_value_heads} KV groups"
-            )
-            refuse("attention-head", targets[2], most, why)
+def _kv_groups_per_step(spec: ModelSpec, settings: Settings) -> int:
+    return settings.attn_group // (spec.head_dim * spec.q_per_kv)
 
 
 @dataclass(frozen=True)
@@ -166,64 +115,187 @@ class Candidate:
     layer: int
 
     def describe(self) -> str:
-        what = {"block": "block", "mlp_width": "channel group", "attn_head": "head group"}
-        return f"{self.kind} {what[self.stage]} of layer {self.layer}"
+        return f"{self.kind} {STAGE_RULES[self.stage].noun} of layer {self.layer}"
+
+
+# The LayerSpec field that says whether a layer still has a block of each kind.
+_BLOCK_FIELD: dict[Kind, str] = {"attn": "has_attn", "mlp": "has_mlp"}
+
+
+@dataclass(frozen=True)
+class BlockRule:
+    """A stage that removes whole attention or MLP blocks, one per step."""
+
+    title: str  # the stage in messages ("the block stage")
+    noun: str  # what one candidate removes ("attn block of layer 3")
+    calibration: str  # the calibration set that scores it: "block" or "width"
+    kinds: tuple[Kind, ...]  # candidate kinds in the reference's order (every attention first)
+    uses_up: bool = True  # a step removes one of the stage's candidates for good
+
+    def offers(self, layer: LayerSpec, kind: Kind, spec: ModelSpec, settings: Settings) -> bool:
+        """Whether ``layer`` of ``spec`` is a candidate of ``kind`` in this stage."""
+        return getattr(layer, _BLOCK_FIELD[kind])
+
+    def cut(self, layer: LayerSpec, kind: Kind, spec: ModelSpec, settings: Settings) -> LayerSpec:
+        """``layer`` after one step of this stage removed its ``kind`` part."""
+        return dataclasses.replace(layer, **{_BLOCK_FIELD[kind]: False})
+
+    def mask(self, masks: Masks, kind: Kind, index: int, after: LayerSpec) -> Masks:
+        """``masks`` with layer ``index`` switched to ``after`` (what ``cut`` left)."""
+        return masks_lib.with_block_off(masks, kind, index)
+
+    def floor(self, dense: ModelSpec, settings: Settings) -> tuple[ModelSpec, str]:
+        """``dense`` with everything this stage can remove removed, and why it stops there."""
+        every = range(dense.num_layers)
+        gone = _changed(dense, every, has_attn=False, has_mlp=False)
+        return gone, "every attention and MLP block removed"
+
+    def single_steps(self, dense: ModelSpec, settings: Settings) -> list[ModelSpec]:
+        """``dense`` after each possible single step (the most one step can overshoot)."""
+        return [
+            _changed(dense, [i], **{_BLOCK_FIELD[kind]: False})
+            for i in range(dense.num_layers)
+            for kind in self.kinds
+        ]
+
+
+@dataclass(frozen=True)
+class WidthRule:
+    """A stage that narrows one kind of block by a group of units per step, never to zero."""
+
+    title: str
+    noun: str
+    calibration: str
+    kind: Kind
+    width: str  # the LayerSpec field it narrows
+    dense_width: str  # the ModelSpec field holding that width in the dense model
+    mask_axis: str  # the ``masks_lib.with_width`` axis that emulates the narrowing
+    group: Callable[[ModelSpec, Settings], int]  # units removed per step
+    flag: str  # the group-size flag, named when a target is out of reach
+    setting: str  # the ``Settings`` field of that flag
+    leaves: str  # what the narrowest layers keep: ``{least}`` and ``{full}`` filled in
+    uses_up: bool = False
+
+    @property
+    def kinds(self) -> tuple[Kind, ...]:
+        return (self.kind,)
+
+    def offers(self, layer: LayerSpec, kind: Kind, spec: ModelSpec, settings: Settings) -> bool:
+        narrower = getattr(self.cut(layer, kind, spec, settings), self.width)
+        return getattr(layer, _BLOCK_FIELD[kind]) and narrower > 0
+
+    def cut(self, layer: LayerSpec, kind: Kind, spec: ModelSpec, settings: Settings) -> LayerSpec:
+        narrower = getattr(layer, self.width) - self.group(spec, settings)
+        return dataclasses.replace(layer, **{self.width: narrower})
+
+    def mask(self, masks: Masks, kind: Kind, index: int, after: LayerSpec) -> Masks:
+        return masks_lib.with_width(masks, self.mask_axis, index, getattr(after, self.width))
+
+    def floor(self, dense: ModelSpec, settings: Settings) -> tuple[ModelSpec, str]:
+        full = getattr(dense, self.dense_width)
+        least = _smallest_width(full, self.group(dense, settings))
+        why = f"{self.flag}={getattr(settings, self.setting)} leaves " + self.leaves.format(
+            least=least, full=full
+        )
+        return _changed(dense, range(dense.num_layers), **{self.width: least}), why
+
+    def single_steps(self, dense: ModelSpec, settings: Settings) -> list[ModelSpec]:
+        full, group = getattr(dense, self.dense_width), self.group(dense, settings)
+        narrower = max(_smallest_width(full, group), full - group)
+        return [_changed(dense, [0], **{self.width: narrower})]
+
+
+# The three stages, in search order: everything a stage does differently is here.
+STAGE_RULES: dict[Stage, BlockRule | WidthRule] = {
+    "block": BlockRule(title="block", noun="block", calibration="block", kinds=("attn", "mlp")),
+    "mlp_width": WidthRule(
+        title="MLP-width",
+        noun="channel group",
+        calibration="width",
+        kind="mlp",
+        width="mlp_width",
+        dense_width="intermediate_size",
+        mask_axis="channels",
+        group=lambda spec, settings: settings.mlp_group,
+        flag="--mlp_channel_group_size",
+        setting="mlp_group",
+        leaves="every MLP at least {least} channels",
+    ),
+    "attn_head": WidthRule(
+        title="attention-head",
+        noun="head group",
+        calibration="width",
+        kind="attn",
+        width="kv_groups",
+        dense_width="num_key_value_heads",
+        mask_axis="kv",
+        group=_kv_groups_per_step,
+        flag="--attn_channel_group_size",
+        setting="attn_group",
+        leaves="every attention block at least {least} of its {full} KV groups",
+    ),
+}
+STAGES: tuple[Stage, ...] = tuple(STAGE_RULES)
+
+
+def check_targets(dense: ModelSpec, settings: Settings) -> None:
+    """Raise ``ValueError`` when a stage's cumulative target is out of its reach on ``dense``.
+
+    Computed from the spec alone. Each bound is an upper limit whatever the earlier stages pick:
+    a stage reaches at most what the earlier stages may have reached (their target plus the
+    largest single step, by which a stage can overshoot) plus everything it can remove itself
+    (every block; every MLP at its smallest width; every attention block at its last KV groups).
+    A target above its bound cannot be met, so the run is refused before any weight is read.
+    """
+    total = count_params(dense)
+
+    def removed(spec: ModelSpec) -> float:
+        """Percent of ``dense``'s parameters that ``spec`` lacks."""
+        return 100.0 * (total - count_params(spec)) / total
+
+    reached = 0.0
+    for rule, share, target in zip(
+        STAGE_RULES.values(), settings.distribution, settings.stage_targets(), strict=True
+    ):
+        if share <= 0:
+            continue
+        floor, why = rule.floor(dense, settings)
+        most = reached + removed(floor)
+        if target > most:
+            raise ValueError(
+                f"--target_ratio={settings.target_ratio:g} with this --pruning_distribution asks "
+                f"the {rule.title} stage to reach {target:.2f}% removed, but it can reach at most "
+                f"{most:.2f}% ({why}); lower the target or change the distribution or group sizes"
+            )
+        overshoot = max(removed(spec) for spec in rule.single_steps(dense, settings))
+        reached = max(reached, target + overshoot)
 
 
 def candidates(stage: Stage, spec: ModelSpec, settings: Settings) -> list[Candidate]:
     """All candidates of ``stage`` on ``spec``, in the reference's order."""
-    layers = list(enumerate(spec.layers))
-    if stage not in STAGES:
+    if stage not in STAGE_RULES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
-    if stage == "block":
-        return [Candidate(stage, "attn", i) for i, layer in layers if layer.has_attn] + [
-            Candidate(stage, "mlp", i) for i, layer in layers if layer.has_mlp
-        ]
-    if stage == "mlp_width":
-        return [
-            Candidate(stage, "mlp", i)
-            for i, layer in layers
-            if layer.has_mlp and layer.mlp_width - settings.mlp_group > 0
-        ]
-    groups = _kv_groups_per_step(spec, settings)
+    rule = STAGE_RULES[stage]
     return [
-        Candidate(stage, "attn", i)
-        for i, layer in layers
-        if layer.has_attn and layer.kv_groups - groups > 0
+        Candidate(stage, kind, i)
+        for kind in rule.kinds
+        for i, layer in enumerate(spec.layers)
+        if rule.offers(layer, kind, spec, settings)
     ]
-
-
-def _kv_groups_per_step(spec: ModelSpec, settings: Settings) -> int:
-    return settings.attn_group // (spec.head_dim * spec.q_per_kv)
 
 
 def remove(spec: ModelSpec, cand: Candidate, settings: Settings) -> ModelSpec:
     """``spec`` after removing ``cand``."""
     layers = list(spec.layers)
-    layer = layers[cand.layer]
-    if cand.stage == "block":
-        field_name = "has_attn" if cand.kind == "attn" else "has_mlp"
-        layers[cand.layer] = dataclasses.replace(layer, **{field_name: False})
-    elif cand.stage == "mlp_width":
-        layers[cand.layer] = dataclasses.replace(
-            layer, mlp_width=layer.mlp_width - settings.mlp_group
-        )
-    else:
-        layers[cand.layer] = dataclasses.replace(
-            layer, kv_groups=layer.kv_groups - _kv_groups_per_step(spec, settings)
-        )
+    rule = STAGE_RULES[cand.stage]
+    layers[cand.layer] = rule.cut(layers[cand.layer], cand.kind, spec, settings)
     return spec.replace_layers(layers)
 
 
 def candidate_masks(spec: ModelSpec, cand: Candidate, settings: Settings) -> Masks:
     """Masks on the current model that emulate removing ``cand``."""
-    masks = masks_lib.ones(spec)
     after = remove(spec, cand, settings).layers[cand.layer]
-    if cand.stage == "block":
-        return masks_lib.with_block_off(masks, cand.kind, cand.layer)
-    if cand.stage == "mlp_width":
-        return masks_lib.with_width(masks, "channels", cand.layer, after.mlp_width)
-    return masks_lib.with_width(masks, "kv", cand.layer, after.kv_groups)
+    return STAGE_RULES[cand.stage].mask(masks_lib.ones(spec), cand.kind, cand.layer, after)
 
 
 @dataclass
@@ -341,7 +413,8 @@ def remaining_seconds(
         # what one removal takes, measured on today's spec (later stages start from ``target``)
         deltas = [pruned_ratio(remove(spec, c, settings), dense) - now for c in cands]
         steps = math.ceil((target - ratio) / (sum(deltas) / len(deltas)))
-        scored = sum(max(len(cands) - (k if stage == "block" else 0), 1) for k in range(steps))
+        used_up = STAGE_RULES[stage].uses_up
+        scored = sum(max(len(cands) - (k if used_up else 0), 1) for k in range(steps))
         seconds += scored * seconds_per_candidate[stage]
         ratio = target
     return seconds
@@ -474,7 +547,7 @@ def _best_first(
 
 def scorer_for(stage: Stage) -> str:
     """Which calibration set scores ``stage``: ``"block"`` or ``"width"``."""
-    return "block" if stage == "block" else "width"
+    return STAGE_RULES[stage].calibration
 
 
 class _CostModel:

@@ -12,7 +12,7 @@ from conftest import SHARED_WIKITEXT2
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from multipruner_jax import assets, data
+from multipruner_jax import assets, data, finetune_data, records
 
 
 @pytest.fixture(scope="module")
@@ -222,3 +222,41 @@ def test_wikitext2_local_split(monkeypatch, tmp_path):
     monkeypatch.setenv(data.WIKITEXT2_ENV, str(fake))
     with pytest.raises(ValueError, match="is not the wikitext-2-raw-v1 test split"):
         data.load_records("wikitext2")
+
+
+def test_one_reader_names_the_file_for_both_consumers(tmp_path):
+    """Calibration and fine-tuning read local files through ``records``: the same line ends and
+    the same one-sentence errors, each naming the file (and line)."""
+    text = tmp_path / "crlf.txt"
+    text.write_bytes(b"one\r\ntwo\rthree\r\n\r\nfour")
+    assert data.load_records(str(text)) == ["one\ntwo\nthree", "four"]
+    assert finetune_data.read_texts(str(text)) == ["one\ntwo\nthree\n\nfour"]
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine\n\xff broken")
+    for read in (data.load_records, finetune_data.read_texts):
+        with pytest.raises(records.SourceError, match=rf"^{bad}: not UTF-8 text at line 2 \("):
+            read(str(bad))
+    for name in ("empty.jsonl", "empty.json"):
+        (tmp_path / name).write_text(" \n")
+        for read in (data.load_records, finetune_data.read_records):
+            with pytest.raises(records.SourceError, match=f"{name}: holds no records"):
+                read(str(tmp_path / name))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "a"}\n\n[1]\n')
+    with pytest.raises(records.SourceError, match=r"rows\.jsonl:3: expected a JSON object"):
+        data.load_records(str(rows))
+    listed = tmp_path / "rows.json"
+    listed.write_text('[\n {"instruction": "i", "output": "o"},\n {"text": "t"}\n]')
+    with pytest.raises(ValueError, match=r"rows\.json:3: .*'instruction', 'output' is missing"):
+        finetune_data.read_records(str(listed))
+
+
+def test_both_consumers_read_json_lists_and_arrow_folders(tmp_path):
+    rows = [{"instruction": "Say hi.", "input": "", "output": "Hi."}]
+    listed = tmp_path / "pool.json"
+    listed.write_text(json.dumps(rows))
+    datasets.Dataset.from_list(rows).save_to_disk(tmp_path / "arrow")
+    for source in (str(listed), str(tmp_path / "arrow")):
+        assert data.load_records(source) == [data.format_alpaca("Say hi.", "", "Hi.")]
+        assert finetune_data.source_kind(source) == "records"
+        assert finetune_data.read_records(source) == rows

@@ -32,7 +32,7 @@ from models.spec import (
 from multipruner_jax import atomic, checkpoint, export, hf_io, pruning_config, surgery, tensor_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAMILIES = ["llama_gqa", "llama_mha", "qwen2", "qwen3", "mistral"]
+FAMILIES = list(tiny_models.FAMILIES)  # compact and padded carry every family
 TOKENS = tiny_models.tokens(2, 12)
 STOCK_TOL = 1e-4
 CORPUS = ["the quick brown fox jumps over the lazy dog", "pruning keeps a prefix of units"] * 8

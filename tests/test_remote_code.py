@@ -15,6 +15,7 @@ import ast
 import dataclasses
 import functools
 import glob
+import importlib.util
 import json
 import os
 import shutil
@@ -31,7 +32,15 @@ import transformers
 from flax import nnx
 
 from models.decoder import CausalLM
-from models.spec import LayerSpec, ModelSpec, count_params, dense_spec, spec_to_hf_config
+from models.families import FAMILIES
+from models.spec import (
+    LayerSpec,
+    ModelSpec,
+    SpecError,
+    count_params,
+    dense_spec,
+    spec_to_hf_config,
+)
 from multipruner_jax import assets, checkpoint, export, hf_io, pruning_config, remote_code, surgery
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -358,6 +367,49 @@ def test_modeling_file_is_self_contained():
     assert constants["LAYERS_KEY"] == remote_code.LAYERS_KEY
     classes = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
     assert remote_code.MODEL_CLASS in classes
+
+
+def _modeling_module():
+    spec = importlib.util.spec_from_file_location("modeling_multipruner", remote_code.MODELING_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_modeling_files_family_table_agrees_with_ours():
+    """The modeling file keeps its own copy of the family rules (it cannot import us): every
+    config we write reads there with the biases, q/k norms and window our spec has."""
+    modeling = _modeling_module()
+    assert set(modeling.FAMILIES) == set(FAMILIES) | {modeling.DECILM}
+    assert {tiny_models.FAMILIES[f]["model_type"] for f in tiny_models.FAMILIES} == set(FAMILIES)
+    checked = 0
+    for family in ("llama_gqa", "mistral", "qwen2", "qwen3"):
+        for qkv_bias, o_bias in ((False, False), (True, True), (True, False)):
+            for window in (None, WINDOW):
+                spec = dataclasses.replace(
+                    tiny_models.spec(family),
+                    qkv_bias=qkv_bias,
+                    o_bias=o_bias,
+                    sliding_window=window,
+                )
+                try:
+                    cfg = spec_to_hf_config(spec)
+                except SpecError:  # not expressible in this family's config
+                    continue
+                config = transformers.AutoConfig.for_model(**cfg)
+                with torch.device("meta"):
+                    attn = modeling.MultiPrunerAttention(config, 2, 1, 0)
+                read = (
+                    attn.q_proj.bias is not None,
+                    attn.o_proj.bias is not None,
+                    attn.q_norm is not None,
+                    modeling._sliding_window(config),
+                )
+                assert read == (spec.qkv_bias, spec.o_bias, spec.qk_norm, window), (family, cfg)
+                checked += 1
+    # llama: 2 bias settings, no window; mistral: no bias, 2 windows; qwen2: q/k/v bias, 2
+    # windows; qwen3: 2 bias settings x 2 windows
+    assert checked == 10
 
 
 def test_cli_exports_compact_by_default(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import get_args
 
 import numpy as np
 import pytest
@@ -221,3 +222,9 @@ def test_remaining_seconds_counts_later_stages_during_the_block_stage():
     assert 0 < pruned_ratio(spec, dense) < settings.stage_targets()[0]
     assert search.remaining_seconds(spec, dense, settings, block_only) > 0
     assert search.remaining_seconds(spec, dense, settings, width_only) > 0
+
+
+def test_the_stage_table_covers_every_stage_in_search_order():
+    assert search.STAGES == get_args(search.Stage) == ("block", "mlp_width", "attn_head")
+    assert [search.scorer_for(s) for s in search.STAGES] == ["block", "width", "width"]
+    assert search.Candidate("mlp_width", "mlp", 2).describe() == "mlp channel group of layer 2"

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tiny_models
+from llama2_7b import LLAMA2_7B_CONFIG
 
 from models import masks as masks_lib
 from models.spec import (
-    LLAMA2_7B_CONFIG,
     LayerSpec,
     ModelSpec,
     count_params,

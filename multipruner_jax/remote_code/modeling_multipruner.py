@@ -51,7 +51,18 @@ if int(transformers.__version__.split(".")[0]) < 5:
     )
 LAYERS_KEY = "multipruner_layers"
 DECILM = "nemotron-nas"
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", DECILM)
+# The families this file runs, and how each one's config switches the attention biases
+# ("attention_bias": that key gives q, k, v and o a bias or none; "qkv": q, k and v always, o
+# never; "none": never), q/k norms, and whether a sliding window applies at all. These are the
+# rules of multipruner-jax's family table (models/families.py), copied because this file cannot
+# import that package; multipruner-jax's tests check that the two agree.
+FAMILIES = {
+    "llama": {"biases": "attention_bias", "qk_norm": False, "window": False},
+    "mistral": {"biases": "none", "qk_norm": False, "window": True},
+    "qwen2": {"biases": "qkv", "qk_norm": False, "window": True},
+    "qwen3": {"biases": "attention_bias", "qk_norm": True, "window": True},
+    DECILM: {"biases": "attention_bias", "qk_norm": False, "window": True},
+}
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -135,15 +146,17 @@ def _sliding_window(config: PretrainedConfig) -> int | None:
 
     Cache slots are handed out in layer order to the layers that keep attention, and transformers
     builds the cache's slots from the config's layer types, so those must all be alike."""
-    window = getattr(config, "sliding_window", None)
     types = getattr(config, "layer_types", None)
-    if types is None:
-        return window
-    if len(set(types)) > 1:
+    if types is not None and len(set(types)) > 1:
         raise ValueError(
             "config.json layer_types mixes attention types; this model needs one type for all "
             "layers"
         )
+    if not FAMILIES[config.model_type]["window"]:
+        return None
+    window = getattr(config, "sliding_window", None)
+    if types is None:
+        return window
     return window if types and types[0] == "sliding_attention" else None
 
 
@@ -286,13 +299,15 @@ class MultiPrunerAttention(nn.Module):
     def __init__(self, config: PretrainedConfig, heads: int, kv_heads: int, slot: int):
         super().__init__()
         d, dim = config.hidden_size, _head_dim(config)
-        qwen2 = config.model_type == "qwen2"  # q/k/v biases whatever attention_bias says
-        bias = bool(getattr(config, "attention_bias", False))
-        self.q_proj = nn.Linear(d, heads * dim, bias=bias or qwen2)
-        self.k_proj = nn.Linear(d, kv_heads * dim, bias=bias or qwen2)
-        self.v_proj = nn.Linear(d, kv_heads * dim, bias=bias or qwen2)
-        self.o_proj = nn.Linear(heads * dim, d, bias=bias and not qwen2)
-        if config.model_type == "qwen3":
+        family = FAMILIES[config.model_type]
+        flag = bool(getattr(config, "attention_bias", False))
+        bias = flag and family["biases"] == "attention_bias"  # o, and q/k/v with it
+        qkv_bias = bias or family["biases"] == "qkv"
+        self.q_proj = nn.Linear(d, heads * dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, kv_heads * dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, kv_heads * dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(heads * dim, d, bias=bias)
+        if family["qk_norm"]:
             self.q_norm = MultiPrunerRMSNorm(dim, config.rms_norm_eps)
             self.k_norm = MultiPrunerRMSNorm(dim, config.rms_norm_eps)
         else:
