@@ -123,21 +123,19 @@ class Scorer:
         self.token_chunk = token_chunk
         self._branch = self.candidates == 1 or self.mesh.shape["model"] == 1
         self.skip_off_blocks = self._branch and skip_off_blocks
-        self._slots = NamedSharding(self.mesh, P("candidate"))
-        self._waves = NamedSharding(self.mesh, P("candidate", "data"))
+        self._inputs = _WaveInputs(self.mesh, self.rows)
+        waves = self._inputs.waves
         fns = PartFns(
             self._embed_fn,
             self._layer_fn,
             self._head_fn,
-            embed_out=self._waves,
-            layer_out=self._waves,
+            embed_out=waves,
+            layer_out=waves,
             head_out=mesh_lib.replicated(self.mesh),
         )
         self._engine = Engine(fns, self.mesh)
         # Slot ``k`` of a wave's activations ``[B, T, D]``, on every candidate group.
         self._pick = jax.jit(lambda h, k: h[k], out_shardings=mesh_lib.rows_sharding(self.mesh, 3))
-        self._layer_index: dict[int, jax.Array] = {}
-        self._zeros: dict[tuple, jax.Array] = {}
 
     @property
     def compiles(self) -> CompileCounter:
@@ -268,37 +266,6 @@ class Scorer:
 
     # -- waves --------------------------------------------------------------------------------
 
-    def _index(self, i: int) -> jax.Array:
-        if i not in self._layer_index:
-            value = np.asarray(i, np.int32)
-            self._layer_index[i] = mesh_lib.global_array(value, mesh_lib.replicated(self.mesh))
-        return self._layer_index[i]
-
-    def _zeros_like(self, shape: tuple[int, ...], dtype, sharding: NamedSharding) -> jax.Array:
-        """An all-zero array, made once per shape (inputs that no slot reads)."""
-        key = (shape, jnp.dtype(dtype), sharding.spec)
-        if key not in self._zeros:
-            zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
-            self._zeros[key] = zeros()
-        return self._zeros[key]
-
-    def _slot_tokens(self, batches: list[int]) -> jax.Array:
-        """``int32[C, B, T]``: batch ``batches[k]`` for slot ``k`` (the last one repeated)."""
-        batches = batches + batches[-1:] * (self.candidates - len(batches))
-        stacked = np.stack([self.rows.host(i) for i in batches])
-        return mesh_lib.global_array(stacked, self._waves)
-
-    def _place_slots(self, spec: ModelSpec, slots: list[Slot | None]) -> tuple[Masks, jax.Array]:
-        """Masks ``[candidates, ...]`` and first layers ``int32[candidates]`` of the slots, on
-        the candidate axis (empty slots: all-on masks, first layer ``EMPTY``)."""
-        slots = slots + [None] * (self.candidates - len(slots))
-        ones = masks_lib.ones(spec)
-        masks = [ones if s is None else s.masks for s in slots]
-        stacked = Masks(*(np.stack([np.asarray(m[k]) for m in masks]) for k in range(4)))
-        starts = np.asarray([EMPTY if s is None else s.start for s in slots], np.int32)
-        place = functools.partial(mesh_lib.global_array, sharding=self._slots)
-        return Masks(*(place(m) for m in stacked)), place(starts)
-
     def prefix_cache(self, model: CausalLM) -> PrefixCache:
         """Run ``model`` (unmasked) once and keep every layer's input, per batch.
 
@@ -306,7 +273,7 @@ class Scorer:
         wave) with the very programs that score candidates, and every group receives a copy, so
         a candidate started from the cache computes exactly what it would from layer 0.
         """
-        parts = self._engine.parts(model)
+        parts, place = self._engine.parts(model), self._inputs
         cos, sin = parts.rope(self.rows.seq_len)
         n_batches, c = len(self.rows), self.candidates
         inputs: list[list[jax.Array]] = [[] for _ in range(n_batches)]
@@ -314,35 +281,81 @@ class Scorer:
         for first in range(0, n_batches, c):
             batches = list(range(first, min(first + c, n_batches)))
             slots = [Slot(masks_lib.ones(model.spec), FROM_INPUT)] * len(batches)
-            masks, starts = self._place_slots(model.spec, slots)
-            h = parts.embed(self._slot_tokens(batches))
-            entry = self._zeros_like(h.shape[1:], h.dtype, mesh_lib.rows_sharding(self.mesh, 3))
+            masks, starts = place.slots(model.spec, slots)
+            h = parts.embed(place.tokens(batches))
+            entry = place.zeros(h.shape[1:], h.dtype, place.rows_3d)
             for i, layer in enumerate([None, *parts.layers[:-1]]):
                 if layer is not None:
-                    args = (cos, sin, masks, starts, self._index(i - 1))
+                    args = (cos, sin, masks, starts, place.index(i - 1))
                     h = in_flight.add(layer(h, entry, *args))
                 for k, batch in enumerate(batches):
-                    inputs[batch].append(in_flight.add(self._pick(h, self._index(k))))
+                    inputs[batch].append(in_flight.add(self._pick(h, place.index(k))))
         return PrefixCache(model, inputs)
 
     def _layer_wave(
         self, model: CausalLM, slots: list[Slot | None], batch: int, cache: PrefixCache | None
     ) -> jax.Array:
-        parts = self._engine.parts(model)
+        parts, place = self._engine.parts(model), self._inputs
         cos, sin = parts.rope(self.rows.seq_len)
         if cache is None:  # every slot embeds the batch itself and starts from it
             slots = [None if s is None else s._replace(start=FROM_INPUT) for s in slots]
-            h = parts.embed(self._slot_tokens([batch]))
-        masks, starts = self._place_slots(model.spec, slots)
+            h = parts.embed(place.tokens([batch]))
+        masks, starts = place.slots(model.spec, slots)
         first = max(0, min(s.start for s in slots if s is not None))
         in_flight = InFlight()
         for i in range(first, len(parts.layers)):
             if cache is None:
-                entry = self._zeros_like(h.shape[1:], h.dtype, mesh_lib.rows_sharding(self.mesh, 3))
+                entry = place.zeros(h.shape[1:], h.dtype, place.rows_3d)
             else:
                 entry = cache.inputs[batch][i]
                 if i == first:
-                    h = self._zeros_like((self.candidates, *entry.shape), entry.dtype, self._waves)
-            args = (cos, sin, masks, starts, self._index(i))
+                    h = place.zeros((self.candidates, *entry.shape), entry.dtype, place.waves)
+            args = (cos, sin, masks, starts, place.index(i))
             h = in_flight.add(parts.layers[i](h, entry, *args))
         return parts.head(h, self.rows.batches[batch], starts)
+
+
+class _WaveInputs:
+    """A wave's inputs, placed on the mesh: each slot's tokens, masks and first layer on the
+    candidate axis; layer indices and all-zero inputs, made once each."""
+
+    def __init__(self, mesh: Mesh, rows: Rows):
+        self.rows = rows
+        self.candidates = mesh.shape["candidate"]
+        self.waves = NamedSharding(mesh, P("candidate", "data"))  # [C, B, ...]
+        self.rows_3d = mesh_lib.rows_sharding(mesh, 3)  # [B, T, D] on every candidate group
+        self._slots = NamedSharding(mesh, P("candidate"))
+        self._replicated = mesh_lib.replicated(mesh)
+        self._indices: dict[int, jax.Array] = {}
+        self._zeros: dict[tuple, jax.Array] = {}
+
+    def index(self, i: int) -> jax.Array:
+        """The replicated scalar ``int32`` ``i``."""
+        if i not in self._indices:
+            self._indices[i] = mesh_lib.global_array(np.asarray(i, np.int32), self._replicated)
+        return self._indices[i]
+
+    def zeros(self, shape: tuple[int, ...], dtype, sharding: NamedSharding) -> jax.Array:
+        """An all-zero array (inputs that no slot reads)."""
+        key = (shape, jnp.dtype(dtype), sharding.spec)
+        if key not in self._zeros:
+            zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+            self._zeros[key] = zeros()
+        return self._zeros[key]
+
+    def tokens(self, batches: list[int]) -> jax.Array:
+        """``int32[C, B, T]``: batch ``batches[k]`` for slot ``k`` (the last one repeated)."""
+        batches = batches + batches[-1:] * (self.candidates - len(batches))
+        stacked = np.stack([self.rows.host(i) for i in batches])
+        return mesh_lib.global_array(stacked, self.waves)
+
+    def slots(self, spec: ModelSpec, slots: list[Slot | None]) -> tuple[Masks, jax.Array]:
+        """Masks ``[C, ...]`` and first layers ``int32[C]`` of the slots, on the candidate axis
+        (empty slots: all-on masks, first layer ``EMPTY``)."""
+        slots = slots + [None] * (self.candidates - len(slots))
+        ones = masks_lib.ones(spec)
+        masks = [ones if s is None else s.masks for s in slots]
+        stacked = Masks(*(np.stack([np.asarray(m[k]) for m in masks]) for k in range(4)))
+        starts = np.asarray([EMPTY if s is None else s.start for s in slots], np.int32)
+        place = functools.partial(mesh_lib.global_array, sharding=self._slots)
+        return Masks(*(place(m) for m in stacked)), place(starts)
