@@ -29,7 +29,6 @@ from multipruner_jax.scoring import Scorer
 _ROWS = flags.DEFINE_integer("rows", 2, "Evaluation rows.")
 _SEQLEN = flags.DEFINE_integer("seqlen", 1024, "Tokens per row.")
 _ITERS = flags.DEFINE_integer("iters", 3, "Timed iterations per side.")
-_MODE = flags.DEFINE_enum("mode", "layer", ["layer", "model"], "Our scoring mode.")
 
 
 def forward_flops(spec: ModelSpec, seq: int) -> float:
@@ -86,7 +85,7 @@ def main(argv: list[str]) -> None:
     spec = model.spec
     ignore = eval_ignore_id(spec)
     masks = masks_lib.with_width(masks_lib.ones(spec), "channels", spec.num_layers // 2, 1280)
-    scorer = Scorer(rows, ignore_id=ignore, batch_size=1, mode=_MODE.value)
+    scorer = Scorer(rows, ignore_id=ignore, batch_size=1)
     torch_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     torch_model.eval()
     start = time.perf_counter()
@@ -104,7 +103,7 @@ def main(argv: list[str]) -> None:
     peak = matmul_peak()
     print(
         f"SmolLM2-135M fp32, {rows.shape[0]} x {_SEQLEN.value} WikiText-2 tokens, "
-        f"mode={_MODE.value}, median of {_ITERS.value}, torch {torch.get_num_threads()} threads"
+        f"median of {_ITERS.value}, torch {torch.get_num_threads()} threads"
     )
     print(f"dense perplexity: ours {ours_dense:.4f}, torch {theirs_dense:.4f}; masked: {ours:.4f}")
     print(f"first call (compile + run): {first:.2f} s")

@@ -43,7 +43,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
 
-import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -58,7 +57,6 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from models.decoder import computing_off_blocks  # noqa: E402
 from models.spec import ModelSpec, pruned_ratio  # noqa: E402
 from multipruner_jax import assets, data, export, hf_io, search, surgery  # noqa: E402
 from multipruner_jax import mesh as mesh_lib  # noqa: E402
@@ -82,27 +80,31 @@ def _listen(event: str, duration: float, **_) -> None:
 
 class CountingScorer(Scorer):
     """A ``Scorer`` that adds up the matmul FLOPs its waves and prefix passes execute
-    (``computed``: removed blocks are computed, under ``computing_off_blocks``)."""
+    (``computed``: removed blocks are computed and discarded, not skipped)."""
 
     def __init__(self, *args, computed: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, skip_off_blocks=not computed, **kwargs)
         self.flops = 0.0
-        self.computed = computed
 
     def wave(self, model, slots, batch, cache: PrefixCache | None = None) -> np.ndarray:
         for slot in slots:
             if slot is not None:
-                skip = self._skip and not self.computed
                 self.flops += cost.masked_flops(
-                    model.spec, slot.masks, self.batch_size, self.seq_len, slot.start, skip
+                    model.spec,
+                    slot.masks,
+                    self.rows.batch_size,
+                    self.rows.seq_len,
+                    slot.start,
+                    self.skip_off_blocks,
                 )
         return super().wave(model, slots, batch, cache)
 
     def prefix_cache(self, model) -> PrefixCache:
         spec = model.spec
-        last = cost.layer_flops(spec, spec.layers[-1], self.batch_size, self.seq_len)
-        per_batch = cost.forward_flops(spec, self.batch_size, self.seq_len, head=False) - last
-        self.flops += per_batch * len(self.batches)
+        b, t = self.rows.batch_size, self.rows.seq_len
+        last = cost.layer_flops(spec, spec.layers[-1], b, t)
+        per_batch = cost.forward_flops(spec, b, t, head=False) - last
+        self.flops += per_batch * len(self.rows)
         return super().prefix_cache(model)
 
 
@@ -306,8 +308,7 @@ def forward_rate(model, rows: np.ndarray) -> float:
 def _first_block_step(model, rows, ignore, computed: bool) -> Run:
     settings = search.Settings(target_ratio=0.01, **{**SETTINGS, "distribution": (1.0, 0.0, 0.0)})
     name = "first block step, removed blocks " + ("computed" if computed else "skipped")
-    with computing_off_blocks() if computed else contextlib.nullcontext():
-        return _ours(model, rows, ignore, name, (1, 1, 1), settings, computed)
+    return _ours(model, rows, ignore, name, (1, 1, 1), settings, computed)
 
 
 def main(argv: list[str]) -> None:

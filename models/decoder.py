@@ -9,10 +9,6 @@ as the physically smaller model built from the matching spec.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterator
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -108,12 +104,21 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(spec, layer.mlp_width, dtype, rngs=rngs) if layer.has_mlp else None
 
     def __call__(
-        self, x: jax.Array, cos: jax.Array, sin: jax.Array, masks: LayerMasks | None = None
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        masks: LayerMasks | None = None,
+        *,
+        skip_off: bool = True,
     ) -> jax.Array:
         """``x: [batch, seq, hidden]`` -> same shape.
 
-        A block whose mask (``masks.attn`` / ``masks.mlp``) is 0 is skipped, not computed: the
-        residual stream passes unchanged, exactly as when the block is removed.
+        A block whose mask (``masks.attn`` / ``masks.mlp``) is 0 leaves the residual stream
+        unchanged, exactly as when the block is removed. With ``skip_off`` (the default) it is
+        skipped (``lax.cond``); without, it is computed and discarded (a select): a program run by
+        groups of devices that may disagree on a mask must not branch around the collectives of a
+        sharded block, where XLA:CPU deadlocks.
         """
         if self.self_attn is not None:
             kv = None if masks is None else masks.kv
@@ -121,38 +126,25 @@ class DecoderLayer(nnx.Module):
             def attend(x: jax.Array) -> jax.Array:
                 return x + self.self_attn(self.input_layernorm(x), cos, sin, kv)
 
-            x = attend(x) if masks is None else _unless_off(masks.attn, attend, x)
+            x = attend(x) if masks is None else _unless_off(masks.attn, attend, x, skip_off)
         if self.mlp is not None:
             channels = None if masks is None else masks.channels
 
             def feed_forward(x: jax.Array) -> jax.Array:
                 return x + self.mlp(self.post_attention_layernorm(x), channels)
 
-            x = feed_forward(x) if masks is None else _unless_off(masks.mlp, feed_forward, x)
+            x = (
+                feed_forward(x)
+                if masks is None
+                else _unless_off(masks.mlp, feed_forward, x, skip_off)
+            )
         return x
 
 
-# Whether a block that its mask switches off is skipped (``lax.cond``, the default) or computed
-# and discarded (a select). Code that runs one program over groups of devices that may disagree
-# on a mask, while the block holds collectives, uses the select where conditional collectives
-# deadlock (``computing_off_blocks``).
-_SKIP_OFF_BLOCKS = contextvars.ContextVar("skip_off_blocks", default=True)
-
-
-@contextlib.contextmanager
-def computing_off_blocks() -> Iterator[None]:
-    """Within the block (at trace time), switched-off blocks are computed and discarded."""
-    token = _SKIP_OFF_BLOCKS.set(False)
-    try:
-        yield
-    finally:
-        _SKIP_OFF_BLOCKS.reset(token)
-
-
-def _unless_off(on: jax.Array, block, x: jax.Array) -> jax.Array:
-    """``block(x)`` when the scalar mask ``on`` is non-zero, else ``x`` (``block`` is skipped,
-    or under ``computing_off_blocks`` computed and discarded)."""
-    if _SKIP_OFF_BLOCKS.get():
+def _unless_off(on: jax.Array, block, x: jax.Array, skip: bool) -> jax.Array:
+    """``block(x)`` when the scalar mask ``on`` is non-zero, else ``x`` (``block`` is skipped, or
+    without ``skip`` computed and discarded)."""
+    if skip:
         return jax.lax.cond(on != 0, block, lambda x: x, x)
     return jnp.where(on != 0, block(x), x)
 

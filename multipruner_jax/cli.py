@@ -10,6 +10,10 @@ Library errors about the user's input (a bad flag, file or config) are ``ValueEr
 subclasses; they end the run with ``error: <one sentence>`` on stderr and exit status 1, without
 a traceback. Other exceptions are bugs and keep their traceback.
 
+A flag that was removed stays defined as *retired* (``retire_flag``), so that the flagfiles
+written before (every run's ``flags.txt``) still parse: the one value it had left is accepted and
+ignored, any other is refused in one sentence saying why the flag went.
+
 Logs: absl raises the verbosity to INFO by default, which shows orbax's ~30 lines per checkpoint
 and JAX's backend probe ("Unable to initialize backend 'tpu'"). Unless ``--verbosity`` (``-v``) is
 given, only warnings and errors are logged.
@@ -28,6 +32,7 @@ from absl import app, flags, logging
 
 HELP_FLAGS = ("--help", "-help", "-?", "--helpshort", "--helpfull")
 USER_ERRORS = (ValueError, OSError)
+_RETIRED: dict[str, tuple[str, str]] = {}  # flag name -> (the value still accepted, why it went)
 
 
 def run(main: Callable[[], object]) -> None:
@@ -47,6 +52,7 @@ def _main(main: Callable[[], object], argv: list[str]) -> int:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     try:
+        _check_retired()
         main()
     except USER_ERRORS as error:
         print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
@@ -117,6 +123,23 @@ def join_if_distributed() -> None:
             flags.FLAGS.process_id,
             flags.FLAGS.coordinator_timeout,
         )
+
+
+def retire_flag(name: str, accepted: str, why: str) -> None:
+    """Keep ``--name`` parseable for old flagfiles: ``accepted`` is ignored, any other value is
+    refused before ``main`` runs, with ``why`` (see the module docstring)."""
+    flags.DEFINE_string(name, None, f"Retired ({why}); only {accepted!r} is accepted.")
+    _RETIRED[name] = (accepted, why)
+
+
+def _check_retired() -> None:
+    for name, (accepted, why) in _RETIRED.items():
+        value = flags.FLAGS[name].value
+        if value is not None and value != accepted:
+            raise ValueError(
+                f"--{name}={value}: this flag was removed ({why}); delete it from the "
+                "command line or flagfile"
+            )
 
 
 def options_from_flags(cls: type, module: str) -> tuple[Any, str]:

@@ -12,12 +12,12 @@ evaluation compiles a few shapes per octave of request length, not one per reque
 at most 25 %. Right padding is exact for a causal model: padded positions come after every
 scored one.
 
-The forward is a host loop over per-layer jitted programs (one per distinct layer graph, as in
-``scoring``'s layer mode), so a pruned model with a few layer shapes compiles a few programs per
-bucket. The head gathers the hidden states of the continuation positions only and computes
-their logits in fp32, ``token_chunk`` positions at a time against the stored head weight, so
-neither ``[batch, seq, vocab]`` logits nor more than ``token_chunk x vocab`` of them ever exist.
-Rows are sharded over the mesh's "data" axis.
+The forward is the per-layer engine (``engine``, as in scoring: one program per distinct layer
+graph), so a pruned model with a few layer shapes compiles a few programs per bucket. The head
+gathers the hidden states of the continuation positions only and computes their logits in fp32,
+``token_chunk`` positions at a time against the stored head weight
+(``cross_entropy.chunked_nll``), so neither ``[batch, seq, vocab]`` logits nor more than
+``token_chunk x vocab`` of them ever exist. Rows are sharded over the mesh's "data" axis.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ from jax.sharding import Mesh
 
 from models.decoder import CausalLM
 from multipruner_jax import mesh as mesh_lib
+from multipruner_jax.cross_entropy import chunked_nll
+from multipruner_jax.engine import Engine, PartFns
 from multipruner_jax.inflight import InFlight
-from multipruner_jax.scoring import output_weight, target_nll
 
 GRANULE = 8
 
@@ -77,11 +78,14 @@ class ContinuationScorer:
         self.batch_size = batch_size
         self.token_chunk = token_chunk
         self.progress = progress
-        self.compiles = 0
         self.shapes: set[tuple[int, int]] = set()
-        self._programs: dict[str, list] = {}
-        self._rope: dict[int, tuple[jax.Array, jax.Array]] = {}
-        self._parts = self._split(model)
+        head = functools.partial(_head, token_chunk=token_chunk)
+        self._engine = Engine(PartFns(_embed, _layer, head), self.mesh)
+
+    @property
+    def compiles(self) -> int:
+        """Traces of the jitted programs so far."""
+        return self._engine.compiles.count
 
     # -- public -------------------------------------------------------------------------------
 
@@ -155,52 +159,13 @@ class ContinuationScorer:
         self.shapes.add((t_size, c_size))
         put = functools.partial(jax.device_put, device=mesh_lib.rows_sharding(self.mesh, 2))
         inputs, positions, conts, valid = (put(x) for x in (inputs, positions, conts, valid))
-        cos, sin = self._rope_tables(t_size)
-        embed, layers, head = self._parts
+        parts = self._engine.parts(self.model)
+        cos, sin = parts.rope(t_size)
         in_flight = InFlight()  # a deep queue of programs deadlocks XLA:CPU (see inflight.py)
-        h = in_flight.add(embed[0](embed[1], inputs))
-        for program, state in layers:
-            h = in_flight.add(program(state, h, cos, sin))
-        program, state, w_out = head
-        return program(state, w_out, h, positions, conts, valid)
-
-    # -- programs -----------------------------------------------------------------------------
-
-    def _split(self, model: CausalLM):
-        graphdef, state = nnx.split(model.model.embed_tokens)
-        embed = (self._program("embed", _embed, graphdef), state)
-        layers = []
-        for layer in model.model.layers:
-            graphdef, state = nnx.split(layer)
-            layers.append((self._program("layer", _layer, graphdef), state))
-        w_out, tied = output_weight(model)
-        graphdef, state = nnx.split(model.model.norm)
-        head_fn = functools.partial(_head, tied=tied, token_chunk=self.token_chunk)
-        head = (self._program("head", head_fn, graphdef), state, w_out)
-        return embed, layers, head
-
-    def _program(self, kind: str, fn, graphdef):
-        """``fn`` bound to ``graphdef`` and jitted, one per distinct graph (matched by equality:
-        equal NNX graphs can hash differently), counting its traces."""
-        programs = self._programs.setdefault(kind, [])
-        for known, program in programs:
-            if known == graphdef:
-                return program
-
-        def traced(*args):
-            self.compiles += 1
-            return fn(graphdef, *args)
-
-        program = jax.jit(traced)
-        programs.append((graphdef, program))
-        return program
-
-    def _rope_tables(self, t_size: int) -> tuple[jax.Array, jax.Array]:
-        if t_size not in self._rope:
-            rep = mesh_lib.replicated(self.mesh)
-            cos, sin = self.model.rope_tables(t_size)
-            self._rope[t_size] = (jax.device_put(cos, rep), jax.device_put(sin, rep))
-        return self._rope[t_size]
+        h = in_flight.add(parts.embed(inputs))
+        for layer in parts.layers:
+            h = in_flight.add(layer(h, cos, sin))
+        return parts.head(h, positions, conts, valid)
 
 
 def _embed(graphdef, state, tokens):
@@ -213,6 +178,7 @@ def _layer(graphdef, state, h, cos, sin):
 
 def _head(
     graphdef,
+    tied: bool,
     state,
     w_out: jax.Array,
     h: jax.Array,
@@ -220,7 +186,6 @@ def _head(
     targets: jax.Array,
     valid: jax.Array,
     *,
-    tied: bool,
     token_chunk: int,
 ) -> tuple[jax.Array, jax.Array]:
     """Continuation log-probability sums and all-greedy flags: ``(float32[B], bool[B])``.
@@ -232,7 +197,7 @@ def _head(
     b, c = positions.shape
     picked = jnp.take_along_axis(h, positions[:, :, None], axis=1)  # [B, C, D]
     picked = nnx.merge(graphdef, state)(picked)
-    nll, hit = target_nll(
+    nll, hit = chunked_nll(
         picked.reshape(b * c, -1), targets.reshape(-1), w_out, tied, token_chunk, greedy=True
     )
     logp, hit = -nll.reshape(b, c), hit.reshape(b, c)

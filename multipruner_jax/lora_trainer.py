@@ -15,7 +15,6 @@ repeats it bit for bit.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +26,9 @@ from jax.sharding import Mesh
 from models.decoder import CausalLM
 from multipruner_jax import lora
 from multipruner_jax import mesh as mesh_lib
+from multipruner_jax.cross_entropy import chunked_nll, output_weight
+from multipruner_jax.engine import CompileCounter
 from multipruner_jax.finetune_data import Batch
-from multipruner_jax.scoring import output_weight
 
 
 def masked_nll(
@@ -38,37 +38,13 @@ def masked_nll(
 
     ``weights: float32[B, T]`` weighs the prediction of token ``t`` from position ``t - 1``
     (``weights[:, 0]`` is unused). Logits are computed in fp32 for ``token_chunk`` positions of
-    every row at a time, and recomputed in the backward pass, so neither ``[B, T, vocab]`` logits
-    nor one chunk per step of the scan are ever kept.
+    every row at a time, and recomputed in the backward pass (``cross_entropy.chunked_nll`` with
+    ``remat``), so neither ``[B, T, vocab]`` logits nor one chunk per step of the scan are kept.
     """
     h = model.hidden_states(tokens)[:, :-1]
+    w = weights[:, 1:]
     w_out, tied = output_weight(model)
-    contract = 1 if tied else 0
-    targets, w = tokens[:, 1:], weights[:, 1:]
-    b, n, d = h.shape
-    chunk = min(token_chunk, n)
-    chunks = math.ceil(n / chunk)
-    pad = chunks * chunk - n
-    hs = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(b, chunks, chunk, d).swapaxes(0, 1)
-    ts = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, chunks, chunk).swapaxes(0, 1)
-    ws = jnp.pad(w, ((0, 0), (0, pad))).reshape(b, chunks, chunk).swapaxes(0, 1)
-
-    @jax.checkpoint
-    def chunk_sum(h_c, t_c, w_c):
-        logits = jax.lax.dot_general(
-            h_c, w_out, (((2,), (contract,)), ((), ())), preferred_element_type=jnp.float32
-        )
-        nll = jax.nn.logsumexp(logits, axis=-1)
-        nll = nll - jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0]
-        return jnp.sum(nll * w_c)
-
-    if chunks == 1:
-        return chunk_sum(hs[0], ts[0], ws[0]), jnp.sum(w)
-
-    def body(total, xs):
-        return total + chunk_sum(*xs), None
-
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hs, ts, ws))
+    total = chunked_nll(h, tokens[:, 1:], w_out, tied, token_chunk, weights=w, remat=True)
     return total, jnp.sum(w)
 
 
@@ -100,7 +76,7 @@ class Trainer:
         if not lora.lora_layers(model):
             raise ValueError("the model has no LoRA adapters; call lora.add_adapters first")
         self.mesh = mesh
-        self.compiles = 0
+        self._counter = CompileCounter()
         lora.place_adapters(model, mesh)
         lora.set_training(model, True)
         graph_train, self.adapters, self.keys, self.frozen = nnx.split(
@@ -110,7 +86,6 @@ class Trainer:
         self.graph_eval = nnx.split(model, lora.LoraParam, lora.LoraKeys, ...)[0]
 
         def grad_fn(adapters, keys, frozen, acc, tokens, weights, step, first_row):
-            self.compiles += 1
             step_key = jax.random.fold_in(jax.random.key(seed), step)
             rows = first_row + jnp.arange(tokens.shape[0])
             row_keys = jax.vmap(lambda r: jax.random.fold_in(step_key, r))(rows)
@@ -125,13 +100,11 @@ class Trainer:
             return jax.tree.map(jnp.add, acc_grads, grads), acc_total + total, acc_count + count
 
         def apply_fn(adapters, opt_state, grads, count):
-            self.compiles += 1
             grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
             updates, opt_state = optimizer.update(grads, opt_state, adapters)
             return optax.apply_updates(adapters, updates), opt_state
 
         def eval_fn(adapters, keys, frozen, tokens, weights):
-            self.compiles += 1
             return masked_nll(
                 nnx.merge(self.graph_eval, adapters, keys, frozen), tokens, weights, token_chunk
             )
@@ -145,13 +118,19 @@ class Trainer:
             optimizer.init(self.adapters),
         )
         opt_shardings = jax.tree.map(lambda x: x.sharding, self.opt_state)
-        self._grad = jax.jit(grad_fn, out_shardings=(shardings, replicated, replicated))
-        self._apply = jax.jit(apply_fn, out_shardings=(shardings, opt_shardings))
-        self._eval = jax.jit(eval_fn)
+        jit = self._counter.jit
+        self._grad = jit(grad_fn, out_shardings=(shardings, replicated, replicated))
+        self._apply = jit(apply_fn, out_shardings=(shardings, opt_shardings))
+        self._eval = jit(eval_fn)
         self._zeros = jax.jit(
             lambda a: (jax.tree.map(jnp.zeros_like, a), jnp.zeros(()), jnp.zeros(())),
             out_shardings=(shardings, replicated, replicated),
         )
+
+    @property
+    def compiles(self) -> int:
+        """Traces of the gradient, update and evaluation steps so far."""
+        return self._counter.count
 
     def _put(self, array: np.ndarray) -> jax.Array:
         sharding = mesh_lib.rows_sharding(self.mesh, array.ndim)

@@ -51,7 +51,7 @@ from multipruner_jax.hf_io import COMPUTE_DTYPES
 from multipruner_jax.job import JobFolder, check_resume_identity, is_writer, say
 from multipruner_jax.model_loader import load_tokenizer
 from multipruner_jax.progress import ConsoleProgress, summary_table
-from multipruner_jax.scoring import MODES, Scorer, prefix_cache_bytes
+from multipruner_jax.scoring import Scorer, prefix_cache_bytes
 
 STATE_FILE = "search_state.json"
 GREEDY_CONFIG = "pruning_config.greedy.json"
@@ -89,7 +89,6 @@ class PruneOptions:
     dtype: str = option("float32", "Parameter and compute dtype.", choices=COMPUTE_DTYPES)
     mesh_shape: str = option("", "'data,model' or 'candidate,data,model'; default all on data.")
     batch_size: int = option(0, "Rows per scoring batch; 0 = one per device.")
-    scoring_mode: str = option("layer", "Per-layer programs or one whole jit.", choices=MODES)
     prefix_cache: bool = option(True, "Reuse cached layer inputs below a candidate.")
     bound: bool = option(True, "Stop scoring candidates that provably cannot win.")
     token_chunk: int = option(512, "Positions per fp32 logits chunk.")
@@ -182,7 +181,6 @@ def check_options(opts: PruneOptions) -> Plan:
         raise ValueError(f"--target_ratio={opts.target_ratio}: expected a percentage in (0, 100)")
     distribution = search.parse_distribution(opts.pruning_distribution)
     _check_choice("dtype", opts.dtype, COMPUTE_DTYPES)
-    _check_choice("scoring_mode", opts.scoring_mode, MODES)
     if opts.seqlen < 2:
         raise ValueError(f"--seqlen={opts.seqlen}: expected at least 2 tokens")
     if opts.token_chunk <= 0:
@@ -211,12 +209,8 @@ def check_options(opts: PruneOptions) -> Plan:
             f"--mesh_shape={opts.mesh_shape} needs {math.prod(mesh_shape)} devices; "
             f"{devices} are available"
         )
-    candidate_axis, data_axis, _ = mesh_shape or (1, devices, 1)
+    _, data_axis, _ = mesh_shape or (1, devices, 1)
     mesh_lib.check_batch_size("--batch_size", opts.batch_size, data_axis, zero=True)
-    if candidate_axis > 1 and opts.scoring_mode != "layer":
-        raise ValueError(
-            f"--mesh_shape={opts.mesh_shape} has a candidate axis, which needs --scoring_mode=layer"
-        )
     _check_output_path(opts.output_path)
     if opts.export_hf:
         _check_choice("export_format", opts.export_format, export.FORMATS)
@@ -227,8 +221,6 @@ def check_options(opts: PruneOptions) -> Plan:
         _check_export_path(opts.export_hf, opts.output_path, opts.model_path)
         if jax.process_count() > 1:
             raise ValueError("--export_hf runs in one process; export the checkpoint afterwards")
-    if jax.process_count() > 1 and opts.scoring_mode != "layer":
-        raise ValueError(f"--scoring_mode={opts.scoring_mode} runs in one process; use layer")
     if opts.eval_windows:
         data.check_source(opts.eval_dataset, evaluation=True)
     dense = hf_io.read_dense_spec(model_source.resolve(opts.model_path, weights=False))
@@ -620,7 +612,6 @@ def _search(job: _Job, settings: search.Settings):
             batch_size=job.batch_size,
             mesh=job.mesh,
             token_chunk=opts.token_chunk,
-            mode=opts.scoring_mode,
         )
         for name, tokens in sets
     }
@@ -679,8 +670,8 @@ def _free_device_bytes() -> int:
 
 
 def _use_prefix_cache(opts: PruneOptions, dense: ModelSpec, rows, mesh) -> bool:
-    """Prefix caching if asked for, in layer mode, and its activations fit half the free memory."""
-    if not opts.prefix_cache or opts.scoring_mode != "layer":
+    """Prefix caching if asked for and its activations fit half the free memory."""
+    if not opts.prefix_cache:
         return False
     need = prefix_cache_bytes(dense, rows.shape[0], opts.seqlen, COMPUTE_DTYPES[opts.dtype])
     need //= mesh.shape["data"]

@@ -330,7 +330,7 @@ def refine(
             candidates=scored,
             seconds=time.perf_counter() - t0,
             compiles=scorer.compiles.count - compiles,
-            rows_skipped=1.0 - rows / (scored * scorer.rows) if scored else 0.0,
+            rows_skipped=1.0 - rows / (scored * scorer.rows.count) if scored else 0.0,
         )
         state.moves.append(move)
         say(

@@ -555,7 +555,7 @@ class _CostModel:
     measured, the other set's scaled by their row counts."""
 
     def __init__(self, scorers: dict[str, Scorer]):
-        self.rows = {name: scorer.rows for name, scorer in scorers.items()}
+        self.rows = {name: scorer.rows.count for name, scorer in scorers.items()}
         self.seconds: dict[str, float] = {}
 
     def measured(self, step: Step) -> None:

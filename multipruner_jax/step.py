@@ -1,12 +1,12 @@
 """Scores of one search step: every candidate, in waves over the candidate axis, with an exact
 branch and bound.
 
-A wave scores one batch of rows for up to ``scorer.candidates`` candidates side by side. Each
-group of devices keeps its candidate until the candidate has seen every batch (it joins at
-whatever batch the wave is on and wraps around), or until the bound proves it cannot win; then
-the group takes the next candidate in ``order``. A candidate's perplexity is computed from its
-per-row values in row order, exactly as ``Scorer.perplexity`` does, so a fully scored candidate
-gets the very same number however its rows were scheduled.
+A wave scores one batch of ``scorer.rows`` (``rows.Rows``) for up to ``scorer.candidates``
+candidates side by side. Each group of devices keeps its candidate until the candidate has seen
+every batch (it joins at whatever batch the wave is on and wraps around), or until the bound
+proves it cannot win; then the group takes the next candidate in ``order``. A candidate's
+perplexity is computed from its per-row values in row order, exactly as ``Scorer.perplexity``
+does, so a fully scored candidate gets the very same number however its rows were scheduled.
 
 The bound. A row's mean NLL is (up to fp32 rounding, see ``FLOOR``) non-negative, so the mean
 over all rows is at least the sum of the rows seen so far divided by the row count. A candidate
@@ -92,7 +92,7 @@ def score_step(
     beat: float = math.inf,
     slack: float = 0.0,
 ) -> Outcome:
-    """Score every candidate ``slots[k]`` (masks and first layer) on all of ``scorer``'s rows.
+    """Score every candidate ``slots[k]`` (masks and first layer) on all of ``scorer.rows``.
 
     ``order``: the order in which candidates get a device group (best-first makes the bound
     prune sooner); ``bound``: stop candidates that cannot win; ``cache``: the prefix cache that
@@ -101,9 +101,9 @@ def score_step(
     bound stops candidates proven above it too; ``slack``: a relative margin, so the bound only
     stops candidates proven more than ``1 + slack`` times the best (near ties get full scores).
     """
-    if np.any(scorer.counts == 0):
-        raise ValueError("a scoring row has no counted target token (all ignored)")
-    n, rows, batches = len(slots), scorer.rows, len(scorer.batches)
+    data = scorer.rows
+    data.check_counted()
+    n, rows, batches = len(slots), data.count, len(data)
     order = range(n) if order is None else order
     if sorted(order) != list(range(n)):
         raise ValueError(f"order {list(order)} is not a permutation of {n} candidates")
@@ -131,11 +131,11 @@ def score_step(
         batch = wave % batches
         wave += 1
         out = scorer.wave(model, [None if k is None else slots[k] for k in groups], batch, cache)
-        real = scorer.batch_rows[batch]
+        real = data.spans[batch]
         for group, k in enumerate(groups):
             if k is None:
                 continue
-            row_means = out[group] / scorer.counts[real]
+            row_means = out[group] / data.counts[real]
             if np.any(row_means < -FLOOR):
                 raise FloatingPointError(f"candidate {k}: a row's mean NLL is negative")
             means[k, real.start : real.stop] = row_means

@@ -8,6 +8,7 @@ from multipruner_jax import agreement, cli, mesh, pipeline
 
 cli.define_flags(pipeline.PruneOptions, __name__)
 cli.define_distributed_flags(__name__)
+cli.retire_flag("scoring_mode", "layer", "scoring always runs per-layer programs now")
 
 
 def main() -> None:

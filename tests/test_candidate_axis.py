@@ -85,7 +85,7 @@ def test_a_wave_gives_each_candidate_its_own_exact_scores(shape):
         Slot(masks_lib.with_width(ones, "channels", 2, 32), 2),
     ][: shape[0]]
     cache = scorer.prefix_cache(model)
-    for batch in range(len(scorer.batches)):
+    for batch in range(len(scorer.rows)):
         together = scorer.wave(model, slots, batch, cache)
         for k, slot in enumerate(slots):
             alone = scorer.wave(model, [Slot(slot.masks, 0)], batch)[0]
@@ -102,7 +102,3 @@ def test_waves_refuse_what_they_cannot_score():
         scorer.wave(model, [Slot(ones)] * 3, 0)
     with pytest.raises(ValueError, match="needs the prefix cache"):
         scorer.wave(model, [Slot(ones, 2)], 0)
-    with pytest.raises(ValueError, match="needs scoring mode 'layer'"):
-        Scorer(
-            tiny_models.tokens(2, 8), ignore_id=3, mesh=mesh_lib.make_mesh((2, 1, 1)), mode="model"
-        )

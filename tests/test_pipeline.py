@@ -161,7 +161,11 @@ def test_script_writes_reusable_flags_and_reports_errors(tiny_model_dir, tmp_pat
         for f in dataclasses.fields(opts)
         if getattr(opts, f.name) is not None and not isinstance(getattr(opts, f.name), bool)
     ]
-    flagfile.write_text("# tiny run\n" + "\n".join(lines) + "\n--weight_reorder\n--quiet\n")
+    # --scoring_mode=layer: as in every flags.txt written before the flag was retired
+    old_flag = "--scoring_mode=layer\n"
+    flagfile.write_text(
+        "# tiny run\n" + "\n".join(lines) + "\n--weight_reorder\n--quiet\n" + old_flag
+    )
     script = os.path.join(REPO, "scripts", "prune.py")
     done = subprocess.run(
         [sys.executable, script, f"--flagfile={flagfile}"], env=env, capture_output=True, text=True
@@ -169,6 +173,7 @@ def test_script_writes_reusable_flags_and_reports_errors(tiny_model_dir, tmp_pat
     assert done.returncode == 0, done.stderr[-2000:]
     written = (tmp_path / "out" / "flags.txt").read_text()
     assert "--target_ratio=8.0" in written and "--weight_reorder" in written
+    assert "scoring_mode" not in written
     bad = subprocess.run(
         [
             sys.executable,
@@ -185,6 +190,25 @@ def test_script_writes_reusable_flags_and_reports_errors(tiny_model_dir, tmp_pat
     assert bad.returncode != 0
     assert "error: pruning distribution '1:1'" in bad.stderr
     assert not (tmp_path / "x").exists()
+    retired = subprocess.run(
+        [
+            sys.executable,
+            script,
+            f"--flagfile={flagfile}",
+            "--output_path",
+            str(tmp_path / "y"),
+            "--scoring_mode=model",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert retired.returncode == 1
+    assert retired.stderr.strip() == (
+        "error: --scoring_mode=model: this flag was removed (scoring always runs per-layer "
+        "programs now); delete it from the command line or flagfile"
+    )
+    assert not (tmp_path / "y").exists()
     state = search.SearchState.from_dict(
         json.loads((tmp_path / "out" / "search_state.json").read_text())
     )
@@ -219,8 +243,6 @@ def test_prefix_cache_only_when_it_fits(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "_free_device_bytes", lambda: 2 * need - 2)
     assert not pipeline._use_prefix_cache(_opts(tiny_model_dir, tmp_path), dense, rows, mesh)
     monkeypatch.setattr(pipeline, "_free_device_bytes", lambda: 10**12)
-    model_mode = _opts(tiny_model_dir, tmp_path, scoring_mode="model")
-    assert not pipeline._use_prefix_cache(model_mode, dense, rows, mesh)
     assert not pipeline._use_prefix_cache(
         _opts(tiny_model_dir, tmp_path, prefix_cache=False), dense, rows, mesh
     )

@@ -29,12 +29,11 @@ def _reference_ppl(model, tokens, masks=None, ignore=IGNORE):
     return float(np.exp(np.mean((nll * counted).sum(1) / counted.sum(1))))
 
 
-@pytest.mark.parametrize("mode", ["layer", "model"])
-def test_perplexity_follows_the_reference_protocol(mode):
+def test_perplexity_follows_the_reference_protocol():
     model = tiny_models.model("qwen2")
     tokens = tiny_models.tokens(5, 20)
     tokens[0, 3:9] = IGNORE
-    scorer = Scorer(tokens, ignore_id=IGNORE, batch_size=2, token_chunk=16, mode=mode)
+    scorer = Scorer(tokens, ignore_id=IGNORE, batch_size=2, token_chunk=16)
     assert scorer.perplexity(model) == pytest.approx(_reference_ppl(model, tokens), rel=1e-5)
     masks = masks_lib.with_width(masks_lib.ones(model.spec), "channels", 1, 30)
     assert scorer.perplexity(model, masks) == pytest.approx(
@@ -77,13 +76,12 @@ def test_padding_rows_do_not_change_the_result():
     assert padded == pytest.approx(one, rel=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["layer", "model"])
-def test_many_masks_compile_once_per_parameter_shape(mode):
+def test_many_masks_compile_once_per_layer_shape():
     model = tiny_models.model("llama_gqa")
-    scorer = Scorer(tiny_models.tokens(4, 16), ignore_id=IGNORE, batch_size=2, mode=mode)
+    scorer = Scorer(tiny_models.tokens(4, 16), ignore_id=IGNORE, batch_size=2)
     scorer.perplexity(model)
     first = scorer.compiles.count
-    assert first == (3 if mode == "layer" else 1)  # embed, one layer shape, head | whole model
+    assert first == 3  # embed, one layer shape, head
     ones = masks_lib.ones(model.spec)
     seen = set()
     for layer in range(model.spec.num_layers):
@@ -103,7 +101,7 @@ def test_many_masks_compile_once_per_parameter_shape(mode):
         ),
     )
     scorer.perplexity(smaller)
-    assert scorer.compiles.count == first + 1  # one new layer shape | one new whole model
+    assert scorer.compiles.count == first + 1  # one new layer shape
 
 
 def test_prefix_cache_scores_equal_full_scores():
@@ -132,7 +130,7 @@ def test_meshes_agree(shape):
         jax.sharding.PartitionSpec(None, "model") if shape[1] > 1 else jax.sharding.PartitionSpec()
     )
     scorer = Scorer(tokens, ignore_id=IGNORE, batch_size=8, mesh=mesh)
-    assert scorer.batches[0].sharding.spec[0] == "data"
+    assert scorer.rows.batches[0].sharding.spec[0] == "data"
     masks = masks_lib.with_width(masks_lib.ones(model.spec), "kv", 2, 1)
     assert scorer.perplexity(sharded) == pytest.approx(reference, rel=1e-6)
     assert scorer.perplexity(sharded, masks) == pytest.approx(
@@ -143,8 +141,6 @@ def test_meshes_agree(shape):
 def test_bad_inputs():
     with pytest.raises(ValueError, match="tokens must be"):
         Scorer(np.zeros((0, 4), np.int32), ignore_id=None)
-    with pytest.raises(ValueError, match="scoring mode"):
-        Scorer(np.zeros((1, 4), np.int32), ignore_id=None, mode="fast")
     with pytest.raises(ValueError, match="data axis"):
         Scorer(
             np.zeros((1, 4), np.int32),

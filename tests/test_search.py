@@ -8,10 +8,15 @@ from typing import get_args
 import numpy as np
 import pytest
 import tiny_models
+from flax import nnx
 
 from models.spec import ModelSpec, pruned_ratio
 from multipruner_jax import assets, hf_io, search, surgery
-from multipruner_jax.scoring import Scorer
+from multipruner_jax import mesh as mesh_lib
+from multipruner_jax.cross_entropy import output_weight
+from multipruner_jax.engine import CompileCounter
+from multipruner_jax.rows import Rows
+from multipruner_jax.scoring import Scorer, head_nll
 
 GROUPS = {  # (mlp group, attention group in query channels = one KV group)
     "llama_mha": (32, 16),
@@ -22,11 +27,36 @@ GROUPS = {  # (mlp group, attention group in query channels = one KV group)
 }
 
 
-def _scorers(mode: str = "layer") -> dict[str, Scorer]:
+def _scorers(scorer=Scorer) -> dict[str, Scorer]:
     return {
-        "block": Scorer(tiny_models.tokens(4, 16, seed=1), ignore_id=3, batch_size=2, mode=mode),
-        "width": Scorer(tiny_models.tokens(2, 16, seed=2), ignore_id=3, batch_size=2, mode=mode),
+        "block": scorer(tiny_models.tokens(4, 16, seed=1), ignore_id=3, batch_size=2),
+        "width": scorer(tiny_models.tokens(2, 16, seed=2), ignore_id=3, batch_size=2),
     }
+
+
+class _WholeModel:
+    """Scores a masked model with one jit of the whole ``CausalLM.hidden_states`` (no per-layer
+    engine, no waves): an independent check of ``Scorer``, with its interface."""
+
+    candidates = 1
+
+    def __init__(self, tokens: np.ndarray, *, ignore_id: int, batch_size: int):
+        mesh = mesh_lib.make_mesh((1, 1))
+        self.rows = Rows(tokens, ignore_id=ignore_id, batch_size=batch_size, mesh=mesh)
+        self.compiles = CompileCounter()
+
+        def nll(graphdef, state, masks, tokens):
+            model = nnx.merge(graphdef, state)
+            h = model.hidden_states(tokens, masks)
+            return head_nll(h, *output_weight(model), tokens, ignore_id, 512)[0]
+
+        self._nll = self.compiles.jit(nll, static_argnums=0)
+
+    def wave(self, model, slots, batch, cache=None):
+        assert cache is None and len(slots) == 1
+        graphdef, state = nnx.split(model)
+        out = self._nll(graphdef, state, slots[0].masks, self.rows.batches[batch])
+        return np.asarray(out, np.float64)[None, : len(self.rows.spans[batch])]
 
 
 def _settings(family: str, **kw) -> search.Settings:
@@ -35,11 +65,11 @@ def _settings(family: str, **kw) -> search.Settings:
     return search.Settings(**{**base, **kw})
 
 
-def _run(family: str, settings: search.Settings, mode: str = "layer", on_step=None):
+def _run(family: str, settings: search.Settings, scorer=Scorer, on_step=None):
     model = tiny_models.model(family)
     dense = model.spec
     surgery.reorder(model)
-    scorers = _scorers(mode)
+    scorers = _scorers(scorer)
     pruned, state = search.search(model, dense, scorers, settings, on_step=on_step)
     return dense, pruned, state, scorers
 
@@ -102,11 +132,11 @@ def test_compiles_are_bounded_by_layer_shapes_not_candidates():
     assert sum(s.compiles.count for s in scorers.values()) <= 2 * (len(seen) + 2)
 
 
-def test_prefix_cache_and_whole_model_mode_take_the_same_decisions():
+def test_prefix_cache_and_a_whole_model_forward_take_the_same_decisions():
     family = "mistral"
     _, _, cached, _ = _run(family, _settings(family, prefix_cache=True))
     _, _, uncached, _ = _run(family, _settings(family, prefix_cache=False))
-    _, _, whole, _ = _run(family, _settings(family, prefix_cache=False), mode="model")
+    _, _, whole, _ = _run(family, _settings(family, prefix_cache=False), _WholeModel)
     assert _decisions(cached) == _decisions(uncached) == _decisions(whole)
     for a, b in zip(cached.steps, whole.steps, strict=True):
         assert a.ppl == pytest.approx(b.ppl, rel=1e-5)
