@@ -15,7 +15,7 @@ Kinds, as ``local_kind`` names them:
 Text is UTF-8, and line ends are read as Python's text mode reads them (``\\r\\n`` and ``\\r``
 become ``\\n``). A ``Record`` carries ``where`` (``file:line``, the file, or ``folder row i``) for
 the formatters' messages about missing fields. Every error here is a ``SourceError``: one
-sentence that starts with the file, such as ``f.jsonl: not UTF-8 text at line 2 (invalid start
+sentence that starts with the file (and line), such as ``f.jsonl:2: not UTF-8 text (invalid start
 byte at byte 17)``, ``f.jsonl:3: not valid JSON (...)``, ``f.json: holds no records; expected at
 least one``, or an Arrow folder of several splits.
 """
@@ -90,7 +90,7 @@ def read_text(path: Path) -> str:
     except UnicodeDecodeError as error:
         line = raw.count(b"\n", 0, error.start) + 1
         raise SourceError(
-            f"{path}: not UTF-8 text at line {line} ({error.reason} at byte {error.start})"
+            f"{path}:{line}: not UTF-8 text ({error.reason} at byte {error.start})"
         ) from None
     return text.replace("\r\n", "\n").replace("\r", "\n")
 

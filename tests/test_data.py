@@ -234,7 +234,7 @@ def test_one_reader_names_the_file_for_both_consumers(tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"fine\n\xff broken")
     for read in (data.load_records, finetune_data.read_texts):
-        with pytest.raises(records.SourceError, match=rf"^{bad}: not UTF-8 text at line 2 \("):
+        with pytest.raises(records.SourceError, match=rf"^{bad}:2: not UTF-8 text \("):
             read(str(bad))
     for name in ("empty.jsonl", "empty.json"):
         (tmp_path / name).write_text(" \n")

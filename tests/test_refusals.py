@@ -218,11 +218,11 @@ def test_fine_tuning_data_errors_name_the_file(tmp_path, tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"good text\n\xff\xfe broken")
-    with pytest.raises(ValueError, match=f"--data={bad}: not UTF-8 text"):
+    with pytest.raises(ValueError, match=rf"--data={bad}:\d+: not UTF-8 text"):
         finetune_data.load_examples(str(bad), tok, 16)
     bad_records = tmp_path / "bad.jsonl"
     bad_records.write_bytes(b'{"instruction": "\xff", "output": "x"}\n')
-    with pytest.raises(ValueError, match=f"--data={bad_records}: not UTF-8 text"):
+    with pytest.raises(ValueError, match=rf"--data={bad_records}:\d+: not UTF-8 text"):
         finetune_data.load_examples(str(bad_records), tok, 16)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")

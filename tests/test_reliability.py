@@ -326,7 +326,7 @@ def test_the_prune_output_folder_works_where_a_checkpoint_is_expected(small_run,
 def test_bad_text_files_name_the_file_and_line(tmp_path):
     jsonl = tmp_path / "records.jsonl"
     jsonl.write_text('{"text": "one"}\n\n{"text": "two"}\n{"text": oops}\n')
-    with pytest.raises(ValueError, match=r"records\.jsonl:4: not a JSON object"):
+    with pytest.raises(ValueError, match=r"records\.jsonl:4: not valid JSON \(Expecting value\)"):
         data.load_records(str(jsonl))
     txt = tmp_path / "latin1.txt"
     txt.write_bytes("first line\nsecond line\ncaf\u00e9 au lait\n".encode("latin-1"))
