@@ -18,8 +18,10 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from multipruner_jax import assets, mesh, task_data
-from multipruner_jax.lm_eval_adapter import JaxLM
+from multipruner_jax.base import mesh
+from multipruner_jax.evals import task_data
+from multipruner_jax.evals.lm_eval_adapter import JaxLM
+from multipruner_jax.storage import assets
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "HF directory; default: the SmolLM2 asset.")
 _TASK = flags.DEFINE_enum("task", "piqa", list(task_data.PAPER_TASKS), "Task to draw from.")

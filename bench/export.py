@@ -38,7 +38,8 @@ import transformers
 from absl import app, flags
 
 from models.spec import ModelSpec, count_params
-from multipruner_jax import assets, checkpoint, export, hf_io
+from multipruner_jax.exporting import export
+from multipruner_jax.storage import assets, checkpoint, hf_io
 
 _CHECKPOINTS = flags.DEFINE_list("checkpoints", [], "Pruned prune.py checkpoints to measure.")
 _CONFIGS = flags.DEFINE_list(

@@ -25,7 +25,7 @@ import transformers
 from absl import app, flags
 from flax import nnx
 
-from multipruner_jax import assets, hf_io
+from multipruner_jax.storage import assets, hf_io
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "HF directory; default: the SmolLM2 asset.")
 _ITERS = flags.DEFINE_integer("iters", 5, "Timed iterations per framework and shape.")

@@ -10,7 +10,8 @@ import os
 
 from models.decoder import CausalLM
 from models.spec import ModelSpec
-from multipruner_jax import hf_io, pruning_config, surgery
+from multipruner_jax.prune import surgery
+from multipruner_jax.storage import hf_io, pruning_config
 
 
 def run_name(file: str) -> str:

@@ -22,9 +22,9 @@ from absl import app, flags
 
 from models import masks as masks_lib
 from models.spec import ModelSpec
-from multipruner_jax import assets, data, hf_io
-from multipruner_jax.evaluation import eval_ignore_id
-from multipruner_jax.scoring import Scorer
+from multipruner_jax.evals.evaluation import eval_ignore_id
+from multipruner_jax.prune.scoring import Scorer
+from multipruner_jax.storage import assets, data, hf_io
 
 _ROWS = flags.DEFINE_integer("rows", 2, "Evaluation rows.")
 _SEQLEN = flags.DEFINE_integer("seqlen", 1024, "Tokens per row.")

@@ -58,9 +58,11 @@ import transformers  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from models.spec import ModelSpec, pruned_ratio  # noqa: E402
-from multipruner_jax import assets, data, export, hf_io, search, surgery  # noqa: E402
-from multipruner_jax import mesh as mesh_lib  # noqa: E402
-from multipruner_jax.scoring import PrefixCache, Scorer  # noqa: E402
+from multipruner_jax.base import mesh as mesh_lib  # noqa: E402
+from multipruner_jax.exporting import export
+from multipruner_jax.prune import search, surgery  # noqa: E402
+from multipruner_jax.prune.scoring import PrefixCache, Scorer  # noqa: E402
+from multipruner_jax.storage import assets, data, hf_io
 
 _SEQLEN = flags.DEFINE_integer("seqlen", 512, "Calibration row length.")
 _TARGET = flags.DEFINE_float("target_ratio", 2.0, "Target ratio of the short search (percent).")

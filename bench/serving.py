@@ -37,7 +37,8 @@ from absl import app, flags
 
 from engines import harness
 from models.spec import ModelSpec, count_params
-from multipruner_jax import assets, export, hf_io
+from multipruner_jax.exporting import export
+from multipruner_jax.storage import assets, hf_io
 
 _CONFIGS = flags.DEFINE_list("pruning_configs", [], "pruning_config.json files to measure.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds (medians over them).")

@@ -7,7 +7,8 @@ help); ``--output_json`` is this script's own.
 
 from absl import flags
 
-from multipruner_jax import atomic, cli, evaluation, zeroshot
+from multipruner_jax.base import atomic, cli
+from multipruner_jax.evals import evaluation, zeroshot
 
 cli.define_flags(evaluation.EvalOptions, __name__)
 flags.DEFINE_string("output_json", None, "Also write the result to this JSON file.")

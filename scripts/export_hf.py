@@ -2,7 +2,7 @@
 
 ``python scripts/export_hf.py --checkpoint=OUT/checkpoint --out=DIR [--format=...] [--dtype=...]``
 
-Formats (``multipruner_jax.export.FORMATS``): ``compact`` (default; transformers with
+Formats (``multipruner_jax.exporting.export.FORMATS``): ``compact`` (default; transformers with
 ``trust_remote_code=True``), ``padded`` (dense shapes, any loader), ``decilm`` (vLLM, SGLang,
 TensorRT-LLM, mlx-lm) and ``gguf`` (llama.cpp, Ollama, LM Studio: ``DIR/model.gguf``). The last
 line printed says which zeros the format had to add, and where.
@@ -10,7 +10,8 @@ line printed says which zeros the format had to add, and where.
 
 from absl import flags
 
-from multipruner_jax import cli, export
+from multipruner_jax.base import cli
+from multipruner_jax.exporting import export
 
 flags.DEFINE_string(
     "checkpoint", None, "Pruned checkpoint (or the prune output folder holding it).", required=True

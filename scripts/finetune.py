@@ -2,10 +2,11 @@
 
 Trains float32 LoRA adapters on instruction records or plain text, resumable (``--resume``),
 and with ``--merge`` folds the best adapters into a checkpoint that ``scripts/evaluate.py`` and
-``scripts/export_hf.py`` read. See ``multipruner_jax/recovery.py`` for the output layout.
+``scripts/export_hf.py`` read. See ``multipruner_jax/finetune/recovery.py`` for the output layout.
 """
 
-from multipruner_jax import agreement, cli, mesh, recovery
+from multipruner_jax.base import agreement, cli, mesh
+from multipruner_jax.finetune import recovery
 
 cli.define_flags(recovery.FinetuneOptions, __name__)  # the job's flags, with their help
 cli.define_distributed_flags(__name__)

@@ -5,7 +5,8 @@
 
 from absl import flags
 
-from multipruner_jax import cli, generation
+from multipruner_jax.base import cli
+from multipruner_jax.exporting import generation
 
 flags.DEFINE_string("model_path", None, "Exported Hugging Face directory.", required=True)
 flags.DEFINE_string(

@@ -9,7 +9,8 @@ import time
 
 from absl import flags
 
-from multipruner_jax import assets, cli, data
+from multipruner_jax.base import cli
+from multipruner_jax.storage import assets, data
 
 _ASSETS_DIR = flags.DEFINE_string(
     "assets_dir", None, f"Assets root; default ${assets.ASSETS_ENV} or .assets in the repository."

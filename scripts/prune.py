@@ -4,7 +4,8 @@ The job's flags are the fields of ``pipeline.PruneOptions`` (declared there, wit
 `cli.define_distributed_flags` adds the flags that join a multi-process run.
 """
 
-from multipruner_jax import agreement, cli, mesh, pipeline
+from multipruner_jax.base import agreement, cli, mesh
+from multipruner_jax.prune import pipeline
 
 cli.define_flags(pipeline.PruneOptions, __name__)
 cli.define_distributed_flags(__name__)

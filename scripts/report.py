@@ -7,7 +7,8 @@ import os
 
 from absl import flags
 
-from multipruner_jax import cli, report
+from multipruner_jax.base import cli
+from multipruner_jax.prune import report
 
 flags.DEFINE_multi_string("run", None, "A prune.py output folder; repeat to compare runs.")
 flags.DEFINE_string(

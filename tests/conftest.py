@@ -27,7 +27,7 @@ import tiny_models  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """A tiny random ``llama_gqa`` HF directory with a BPE tokenizer trained on SOTU text."""
-    from multipruner_jax import assets, data
+    from multipruner_jax.storage import assets, data
 
     path = str(tmp_path_factory.mktemp("tiny_hf"))
     corpus = data.load_records(str(assets.sotu_dir()))[:400]

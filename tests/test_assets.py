@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
-from multipruner_jax import assets, data
+from multipruner_jax.storage import assets, data
 
 
 @pytest.fixture(scope="module")
@@ -109,4 +109,4 @@ def test_assets_dir_honours_environment(tmp_path, monkeypatch):
     assert assets.assets_dir() == tmp_path
     assert assets.smollm2_dir() == tmp_path / assets.SMOLLM2_DIR
     monkeypatch.delenv(assets.ASSETS_ENV)
-    assert assets.assets_dir() == Path(assets.__file__).resolve().parents[1] / ".assets"
+    assert assets.assets_dir() == Path(assets.__file__).resolve().parents[2] / ".assets"

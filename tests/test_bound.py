@@ -12,9 +12,9 @@ import pytest
 import tiny_models
 
 from models import masks as masks_lib
-from multipruner_jax import mesh as mesh_lib
-from multipruner_jax import search, step, surgery
-from multipruner_jax.scoring import Scorer, Slot
+from multipruner_jax.base import mesh as mesh_lib
+from multipruner_jax.prune import search, step, surgery
+from multipruner_jax.prune.scoring import Scorer, Slot
 
 FAMILY = "llama_mha"
 

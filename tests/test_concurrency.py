@@ -19,16 +19,10 @@ import pytest
 import tiny_models
 from test_distributed import _free_port, _launch, _options
 
-from multipruner_jax import (
-    agreement,
-    assets,
-    atomic,
-    checkpoint,
-    data,
-    ownership,
-    pipeline,
-    recovery,
-)
+from multipruner_jax.base import agreement, atomic, ownership
+from multipruner_jax.finetune import recovery
+from multipruner_jax.prune import pipeline
+from multipruner_jax.storage import assets, checkpoint, data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,7 +31,7 @@ def _hold_lock(folder) -> subprocess.Popen:
     """Another live process that owns ``folder`` (prints ``held`` once it does)."""
     code = (
         "import sys, time\n"
-        "from multipruner_jax import ownership\n"
+        "from multipruner_jax.base import ownership\n"
         "with ownership.lock(sys.argv[1]):\n"
         "    print('held', flush=True)\n"
         "    time.sleep(600)\n"

@@ -12,7 +12,8 @@ from conftest import SHARED_WIKITEXT2
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from multipruner_jax import assets, data, finetune_data, records
+from multipruner_jax.finetune import finetune_data
+from multipruner_jax.storage import assets, data, records
 
 
 @pytest.fixture(scope="module")

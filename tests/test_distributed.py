@@ -15,7 +15,9 @@ import jax
 import pytest
 import tiny_models
 
-from multipruner_jax import checkpoint, mesh, pipeline
+from multipruner_jax.base import mesh
+from multipruner_jax.prune import pipeline
+from multipruner_jax.storage import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESH = "2,2,2"  # a candidate group per process, rows and heads split inside each

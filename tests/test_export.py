@@ -29,7 +29,10 @@ from models.spec import (
     dense_spec,
     spec_to_hf_config,
 )
-from multipruner_jax import atomic, checkpoint, export, hf_io, pruning_config, surgery, tensor_files
+from multipruner_jax.base import atomic
+from multipruner_jax.exporting import export, tensor_files
+from multipruner_jax.prune import surgery
+from multipruner_jax.storage import checkpoint, hf_io, pruning_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = list(tiny_models.FAMILIES)  # compact and padded carry every family

@@ -89,7 +89,7 @@ def test_the_cycle_finder_sees_a_cycle():
     assert _cycle({"a": {"b"}, "b": set()}) is None
     # the cycle this test was written against: the zero-shot adapter importing evaluation's loader
     real = _graph(PACKAGE)
-    evaluation, adapter = f"{PACKAGE}.evaluation", f"{PACKAGE}.lm_eval_adapter"
+    evaluation, adapter = f"{PACKAGE}.evals.evaluation", f"{PACKAGE}.evals.lm_eval_adapter"
     assert adapter in real[evaluation]
     real[adapter] = real[adapter] | {evaluation}
     assert _cycle(real) is not None
@@ -97,9 +97,11 @@ def test_the_cycle_finder_sees_a_cycle():
 
 def test_the_graph_sees_function_level_imports(tmp_path):
     source = tmp_path / "m.py"
-    source.write_text("def f():\n    from multipruner_jax import scoring\n    return scoring\n")
-    known = {"multipruner_jax.scoring", "multipruner_jax.m"}
-    assert _imports(source, "multipruner_jax.m", known) == {"multipruner_jax.scoring"}
+    source.write_text(
+        "def f():\n    from multipruner_jax.prune import scoring\n    return scoring\n"
+    )
+    known = {"multipruner_jax.prune.scoring", "multipruner_jax.m"}
+    assert _imports(source, "multipruner_jax.m", known) == {"multipruner_jax.prune.scoring"}
 
 
 def test_models_import_nothing_above_them():

@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 from absl import flags
 
-from multipruner_jax import cli, job
+from multipruner_jax.base import cli
+from multipruner_jax.storage import job
 
 
 @dataclasses.dataclass(frozen=True)

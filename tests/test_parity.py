@@ -28,8 +28,8 @@ from safetensors.numpy import load_file, save_file
 
 from models import attention
 from models.spec import LayerSpec, RopeSpec, SpecError, spec_from_hf_config
-from multipruner_jax import hf_io
-from multipruner_jax.mesh import ShardingFor
+from multipruner_jax.base.mesh import ShardingFor
+from multipruner_jax.storage import hf_io
 
 VOCAB = tiny_models.BASE["vocab_size"]
 SEQ = 24

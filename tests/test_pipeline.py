@@ -13,8 +13,11 @@ import pytest
 import tiny_models
 from flax import nnx
 
-from multipruner_jax import checkpoint, evaluation, export, pipeline, search
-from multipruner_jax import mesh as mesh_lib
+from multipruner_jax.base import mesh as mesh_lib
+from multipruner_jax.evals import evaluation
+from multipruner_jax.exporting import export
+from multipruner_jax.prune import pipeline, search
+from multipruner_jax.storage import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import io
 
-from multipruner_jax.console import StatusLine
-from multipruner_jax.progress import ConsoleProgress
-from multipruner_jax.search import Step
+from multipruner_jax.base.console import StatusLine
+from multipruner_jax.prune.progress import ConsoleProgress
+from multipruner_jax.prune.search import Step
 
 
 class Terminal(io.StringIO):

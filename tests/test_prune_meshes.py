@@ -2,7 +2,7 @@
 number of fake CPU devices: every run finishes and takes the same decisions.
 
 A "model" axis puts collectives in the layer programs; with dozens of programs queued they used
-to deadlock XLA:CPU (see ``multipruner_jax/inflight.py``), so the block stage here scores 25
+to deadlock XLA:CPU (see ``multipruner_jax/runtime/inflight.py``), so the block stage here scores 25
 batches of rows (9 batches did not deadlock the old code, 25 did).
 """
 
@@ -83,8 +83,9 @@ import functools
 import numpy as np
 import tiny_models
 from models import decoder
-from multipruner_jax import mesh as mesh_lib, surgery
-from multipruner_jax.loglik import ContinuationScorer
+from multipruner_jax.base import mesh as mesh_lib
+from multipruner_jax.evals.loglik import ContinuationScorer
+from multipruner_jax.prune import surgery
 
 mesh = mesh_lib.make_mesh((1, 2))
 spec = tiny_models.spec("llama_gqa", num_hidden_layers=40)  # 42 programs per batch

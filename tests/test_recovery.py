@@ -19,22 +19,15 @@ from flax import nnx
 
 from models import decoder
 from models.spec import LayerSpec
-from multipruner_jax import (
-    assets,
-    checkpoint,
-    cli,
-    data,
-    evaluation,
-    export,
-    finetune_data,
-    lora,
-    model_loader,
-    recovery,
-    surgery,
-)
-from multipruner_jax import mesh as mesh_lib
-from multipruner_jax.finetune_data import Example
-from multipruner_jax.lora_trainer import Trainer, make_optimizer, make_schedule, masked_nll
+from multipruner_jax.base import cli
+from multipruner_jax.base import mesh as mesh_lib
+from multipruner_jax.evals import evaluation
+from multipruner_jax.exporting import export
+from multipruner_jax.finetune import finetune_data, lora, recovery
+from multipruner_jax.finetune.finetune_data import Example
+from multipruner_jax.finetune.lora_trainer import Trainer, make_optimizer, make_schedule, masked_nll
+from multipruner_jax.prune import surgery
+from multipruner_jax.storage import assets, checkpoint, data, model_loader
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.1)
@@ -480,7 +473,7 @@ def test_a_resumed_run_compares_paths_resolved(pruned_checkpoint, tmp_path, monk
 def test_a_second_run_on_a_live_runs_folder_is_refused(pruned_checkpoint, tmp_path):
     from test_concurrency import _hold_lock
 
-    from multipruner_jax import ownership
+    from multipruner_jax.base import ownership
 
     out = tmp_path / "out"
     holder = _hold_lock(out)

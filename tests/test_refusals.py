@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import tiny_models
 
-from multipruner_jax import data, export, hf_io, pipeline, pruning_config, remote_code
+from multipruner_jax.exporting import export, remote_code
+from multipruner_jax.prune import pipeline
+from multipruner_jax.storage import data, hf_io, pruning_config
 
 _opts = tiny_models.prune_options
 
@@ -176,7 +178,7 @@ def test_a_config_is_never_applied_over_a_finished_search(small_run, tiny_model_
 
 
 def test_generate_runs_only_our_own_modeling_file_unless_asked(compact, tmp_path):
-    from multipruner_jax import generation
+    from multipruner_jax.exporting import generation
 
     assert generation.runs_our_code_only(str(compact))
     case = tmp_path / "hf"
@@ -202,7 +204,7 @@ def test_seqlen_above_the_models_positions_is_warned_about(tiny_model_dir, tmp_p
 
 
 def test_a_model_folder_without_tokenizer_files_is_named(tiny_model_dir, tmp_path):
-    from multipruner_jax import model_loader
+    from multipruner_jax.storage import model_loader
 
     case = tmp_path / "hf"
     shutil.copytree(tiny_model_dir, case, ignore=shutil.ignore_patterns("tokenizer*", "special*"))
@@ -213,7 +215,7 @@ def test_a_model_folder_without_tokenizer_files_is_named(tiny_model_dir, tmp_pat
 def test_fine_tuning_data_errors_name_the_file(tmp_path, tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from multipruner_jax import finetune_data
+    from multipruner_jax.finetune import finetune_data
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     bad = tmp_path / "bad.txt"
@@ -239,7 +241,7 @@ def test_a_damaged_options_block_is_named(small_run, tiny_model_dir, tmp_path):
 
 
 def test_the_table_names_a_local_perplexity_set(tmp_path):
-    from multipruner_jax import zeroshot
+    from multipruner_jax.evals import zeroshot
 
     row = {"model": "m", "params": 10, "perplexity": 12.5}
     assert "wikitext2" in zeroshot.format_row({**row, "dataset": "wikitext2"})
@@ -248,7 +250,7 @@ def test_the_table_names_a_local_perplexity_set(tmp_path):
 
 
 def test_symlinked_or_file_outputs_are_refused_before_any_work(small_run, tmp_path):
-    from multipruner_jax import recovery
+    from multipruner_jax.finetune import recovery
 
     (tmp_path / "target").mkdir()
     os.symlink(tmp_path / "target", tmp_path / "link")

@@ -24,7 +24,11 @@ import orbax.checkpoint as ocp
 import pytest
 import tiny_models
 
-from multipruner_jax import atomic, checkpoint, cli, data, evaluation, export, pipeline, search
+from multipruner_jax.base import atomic, cli
+from multipruner_jax.evals import evaluation
+from multipruner_jax.exporting import export
+from multipruner_jax.prune import pipeline, search
+from multipruner_jax.storage import checkpoint, data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = (

@@ -11,9 +11,9 @@ import pytest
 import tiny_models
 
 from models import masks as masks_lib
-from multipruner_jax import mesh as mesh_lib
-from multipruner_jax import surgery
-from multipruner_jax.scoring import Scorer, head_nll
+from multipruner_jax.base import mesh as mesh_lib
+from multipruner_jax.prune import surgery
+from multipruner_jax.prune.scoring import Scorer, head_nll
 
 IGNORE = 5
 

@@ -11,12 +11,13 @@ import tiny_models
 from flax import nnx
 
 from models.spec import ModelSpec, pruned_ratio
-from multipruner_jax import assets, hf_io, search, surgery
-from multipruner_jax import mesh as mesh_lib
-from multipruner_jax.cross_entropy import output_weight
-from multipruner_jax.engine import CompileCounter
-from multipruner_jax.rows import Rows
-from multipruner_jax.scoring import Scorer, head_nll
+from multipruner_jax.base import mesh as mesh_lib
+from multipruner_jax.prune import search, surgery
+from multipruner_jax.prune.scoring import Scorer, head_nll
+from multipruner_jax.runtime.cross_entropy import output_weight
+from multipruner_jax.runtime.engine import CompileCounter
+from multipruner_jax.runtime.rows import Rows
+from multipruner_jax.storage import assets, hf_io
 
 GROUPS = {  # (mlp group, attention group in query channels = one KV group)
     "llama_mha": (32, 16),

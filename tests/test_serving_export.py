@@ -19,17 +19,10 @@ import torch
 import transformers
 
 from models.spec import LayerSpec, ModelSpec
-from multipruner_jax import (
-    assets,
-    checkpoint,
-    cli,
-    decilm,
-    export,
-    gguf_export,
-    gguf_vocab,
-    surgery,
-    tensor_files,
-)
+from multipruner_jax.base import cli
+from multipruner_jax.exporting import decilm, export, gguf_export, gguf_vocab, tensor_files
+from multipruner_jax.prune import surgery
+from multipruner_jax.storage import assets, checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

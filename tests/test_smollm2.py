@@ -17,7 +17,7 @@ import transformers
 from conftest import SHARED_WIKITEXT2
 from flax import nnx
 
-from multipruner_jax import assets, hf_io
+from multipruner_jax.storage import assets, hf_io
 
 WINDOWS, WINDOW = 4, 512
 

@@ -13,8 +13,9 @@ import pytest
 import torch
 import transformers
 
-from multipruner_jax import assets, data, hf_io, search, surgery
-from multipruner_jax.scoring import Scorer
+from multipruner_jax.prune import search, surgery
+from multipruner_jax.prune.scoring import Scorer
+from multipruner_jax.storage import assets, data, hf_io
 
 SEQLEN = 128
 

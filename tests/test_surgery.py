@@ -18,7 +18,8 @@ from models.spec import (
     pruned_ratio,
     spec_from_hf_config,
 )
-from multipruner_jax import pruning_config, surgery
+from multipruner_jax.prune import surgery
+from multipruner_jax.storage import pruning_config
 
 
 def _logits(model, tokens, masks=None):

@@ -17,9 +17,12 @@ import tiny_models
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from multipruner_jax import checkpoint, evaluation, export, model_loader, surgery, task_data
-from multipruner_jax.evaluation import EvalOptions
-from multipruner_jax.lm_eval_adapter import JaxLM
+from multipruner_jax.evals import evaluation, task_data
+from multipruner_jax.evals.evaluation import EvalOptions
+from multipruner_jax.evals.lm_eval_adapter import JaxLM
+from multipruner_jax.exporting import export
+from multipruner_jax.prune import surgery
+from multipruner_jax.storage import checkpoint, model_loader
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOLLM2 = os.path.join(REPO, ".assets", "smollm2-135m")

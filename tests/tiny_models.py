@@ -131,7 +131,8 @@ def tiny_tokenizer(path: str, corpus: list[str], vocab_size: int = 300):
 
 def prune_options(model_dir: str, out, **changes: Any):
     """``PruneOptions`` of a fast search on the tiny model of ``tiny_model_dir`` (SOTU text)."""
-    from multipruner_jax import assets, pipeline
+    from multipruner_jax.prune import pipeline
+    from multipruner_jax.storage import assets
 
     base = dict(
         model_path=model_dir,

@@ -34,7 +34,9 @@ import transformers
 
 from engines import harness
 from models.spec import LayerSpec
-from multipruner_jax import assets, export, hf_io, surgery
+from multipruner_jax.exporting import export
+from multipruner_jax.prune import surgery
+from multipruner_jax.storage import assets, hf_io
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bench"))

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity and zero-shot accuracy (lm-evaluation-harness) of a JAX model."""

@@ -1,0 +1,1 @@
+"""The MultiPruner search and the prune job: scoring, steps, surgery, refinement, the report."""

@@ -1,0 +1,1 @@
+"""The compiled per-layer engine: a program per layer graph, the one cross-entropy, token rows."""
