@@ -19,8 +19,8 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# WIKITEXT2=<wiki.test.rows.jsonl> also installs your copy of the WikiText-2 test split (no
-# package ships it), so evaluation works offline.
+# WIKITEXT2=<wiki.test.rows.jsonl, or its folder> also installs your copy of the WikiText-2 test
+# split (no package ships it), so evaluation works offline.
 assets: $(STAMP)
 	$(BIN)/python scripts/prepare_assets.py --assets_dir=$(ASSETS) \
 	  $(if $(WIKITEXT2),--wikitext2=$(WIKITEXT2))

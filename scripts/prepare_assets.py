@@ -2,7 +2,7 @@
 With --wikitext2, also install a copy of the WikiText-2 test split you have (checked by sha256),
 so that evaluation works offline.
 
-python scripts/prepare_assets.py --assets_dir=.assets [--wikitext2=wiki.test.rows.jsonl]
+python scripts/prepare_assets.py --assets_dir=.assets [--wikitext2=wiki.test.rows.jsonl or folder]
 """
 
 import time
@@ -20,7 +20,7 @@ _WIKITEXT2 = flags.DEFINE_string(
     "wikitext2",
     None,
     'A wiki.test.rows.jsonl of the wikitext-2-raw-v1 test split (one {"text": row} per line, '
-    "all 4,358 rows) to install for offline evaluation.",
+    "all 4,358 rows), or a folder holding one, to install for offline evaluation.",
 )
 
 

@@ -220,6 +220,13 @@ def test_wikitext2_local_split(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="is not the wikitext-2-raw-v1 test split"):
         data.install_wikitext2(fake, str(tmp_path / "other"))
     assert not (tmp_path / "other").exists()
+    # A folder holding the rows file is accepted; one without it is refused before anything else.
+    line = data.install_wikitext2(Path(SHARED_WIKITEXT2).parent, str(tmp_path / "from_folder"))
+    assert line.endswith(f"(from {SHARED_WIKITEXT2})")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no wiki.test.rows.jsonl"):
+        data.install_wikitext2(tmp_path / "empty", str(tmp_path / "other"))
+    assert not (tmp_path / "other").exists()
     monkeypatch.setenv(data.WIKITEXT2_ENV, str(fake))
     with pytest.raises(ValueError, match="is not the wikitext-2-raw-v1 test split"):
         data.load_records("wikitext2")

@@ -142,6 +142,35 @@ def test_an_evaluation_budget_is_deterministic(greedy):
     assert capped.stopped == "budget" and capped.evaluations == first
 
 
+def test_screened_refinement_takes_the_best_finalist(greedy):
+    dense_model, dense, spec, _ = greedy
+    _, exact = _run(greedy)
+    # Screening on the very rows of the exact score: the best finalist is the best move.
+    _, same_rows = _run(greedy, screen=_scorer(), finalists=1)
+    assert [(m.describe(), m.ppl) for m in same_rows.moves] == [
+        (m.describe(), m.ppl) for m in exact.moves
+    ]
+    assert all(m.finalists == 1 for m in same_rows.moves)
+
+    # Screening on other rows: the first move is the best of the two best screened moves.
+    screen = Scorer(tiny_models.tokens(2, 16, seed=5), ignore_id=3, batch_size=2)
+    todo = refine.moves(spec, dense, SETTINGS)
+    models = [surgery.shrink(dense_model, refine.apply(spec, move, SETTINGS)) for move in todo]
+    screened = [screen.perplexity(m) for m in models]
+    finalists = sorted(sorted(range(len(todo)), key=lambda i: (screened[i], i))[:2])
+    exact_ppl = {i: _scorer().perplexity(models[i]) for i in finalists}
+    best = min(finalists, key=lambda i: (exact_ppl[i], i))
+    _, screened_state = _run(greedy, screen=screen, finalists=2)
+    current = _scorer().perplexity(surgery.shrink(dense_model, spec))
+    assert exact_ppl[best] < current, "the tiny greedy result should be improvable"
+    first = screened_state.moves[0]
+    assert (first.restored, first.removed) == todo[best]
+    np.testing.assert_allclose(first.ppl, exact_ppl[best], rtol=1e-5)
+    assert first.finalists == 2 and first.candidates == len(todo)
+    for m in screened_state.moves:
+        assert m.ppl < m.before and m.ratio >= pruned_ratio(spec, dense)
+
+
 def test_near_ties_are_rescored_on_every_row():
     assert near_ties.within([2.0, 2.01, None, float("nan"), 2.03, 1.99], 5, 0.011) == [0, 1, 5]
     base = _greedy()[3]
@@ -213,6 +242,8 @@ def test_refine_flags_are_checked_before_loading(tiny_model_dir, tmp_path):
     for change, message in (
         (dict(refine=False, refine_cross_kind=False, refine_budget="50"), "need --refine"),
         (dict(refine_budget="ten"), "--refine_budget='ten'"),
+        (dict(refine=False, refine_budget="", refine_finalists=4), "need --refine"),
+        (dict(refine_finalists=-1), "--refine_finalists must be 0 or more, got -1"),
         (dict(near_tie_margin=-0.1), "--near_tie_margin=-0.1"),
     ):
         with pytest.raises(ValueError, match=message):

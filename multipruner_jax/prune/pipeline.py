@@ -115,6 +115,11 @@ class PruneOptions:
         False,
         "Refine moves may also restore one kind of unit and remove another of at least its size.",
     )
+    refine_finalists: int = option(
+        0,
+        "Refinement screening: score every move on the width rows first, then only this many "
+        "best on every calibration row (0 = every move on every row, exact).",
+    )
     report: bool = option(True, "Draw report.svg/report.png in --output_path at the end.")
     quiet: bool = option(False, "No progress output.")
 
@@ -130,7 +135,8 @@ IDENTITY_KEYS = (
 ).split()
 # Identity keys added later: a state saved before them had their default.
 IDENTITY_DEFAULTS: dict[str, Any] = {"near_tie_margin": 0.0}
-REFINE_KEYS = ("refine_cross_kind",)  # what resumed refine moves must share
+REFINE_KEYS = ("refine_cross_kind", "refine_finalists")  # what resumed refine moves must share
+REFINE_DEFAULTS: dict[str, Any] = {"refine_finalists": 0}  # keys added later: the default then
 
 
 def search_identity(options: dict[str, Any]) -> dict[str, Any]:
@@ -185,8 +191,12 @@ def check_options(opts: PruneOptions) -> Plan:
             "(0.01 = within 1 % of the best)"
         )
     budget = refine.parse_budget(opts.refine_budget)
-    if (opts.refine_budget or opts.refine_cross_kind) and not opts.refine:
-        raise ValueError("--refine_budget and --refine_cross_kind need --refine")
+    if (opts.refine_budget or opts.refine_cross_kind or opts.refine_finalists) and not opts.refine:
+        raise ValueError(
+            "--refine_budget, --refine_cross_kind and --refine_finalists need --refine"
+        )
+    if opts.refine_finalists < 0:
+        raise ValueError(f"--refine_finalists must be 0 or more, got {opts.refine_finalists}")
     if opts.pruned_model_config_file and (opts.refine or opts.near_tie_margin):
         raise ValueError(
             "--refine and --near_tie_margin change a search; --pruned_model_config_file runs none"
@@ -318,10 +328,11 @@ def _saved_state(opts: PruneOptions, dense: ModelSpec, settings: search.Settings
                 "to continue them, or remove the file to search afresh"
             )
         now = {k: getattr(opts, k) for k in REFINE_KEYS}
-        if saved_refine.get("options") != now:
+        saved_options = {**REFINE_DEFAULTS, **saved_refine.get("options", {})}
+        if saved_options != now:
             raise ValueError(
                 f"--resume: the saved refinement used other options (saved, now): "
-                f"{saved_refine.get('options')}, {now}"
+                f"{saved_options}, {now}"
             )
     return state, refine_state
 
@@ -636,6 +647,8 @@ def _search(job: _Job, settings: search.Settings):
             budget=job.plan.budget,
             cross_kind=opts.refine_cross_kind,
             state=job.outputs.refined,
+            screen=scorers["width"],
+            finalists=opts.refine_finalists,
             on_move=job.outputs.on_move,
             say=lambda text: _say(opts, text),
             sharding_for=job.sharding_for,

@@ -23,6 +23,14 @@ that keep the size: each move restores one removed *unit* and removes one kept u
   seconds) runs out. The evaluation budget is checked per move and is deterministic (a step
   scores at most the moves left in the budget); the seconds budget is checked between steps.
 
+Screening (``finalists``, off by default): an exact step costs every move on every row, which
+on a real model is many times a greedy step (hundreds of moves, each from its lower layer on).
+With ``finalists`` = K, a step first scores every move on a smaller scorer (the pipeline passes
+the width rows) and then only the K best of those, in move order, on every row, as an exact step
+does. The accepted move still lowers the every-row perplexity; what screening gives up is the
+guarantee that it is the best move of the step (the selection EvoPress makes: cheap scores for
+all, more tokens for the finalists).
+
 Scoring reuses the search's engine. The moves that restore the same unit ``r`` share one model:
 the dense (reordered) parameters shrunk to the current configuration plus ``r``; every move of
 that group is a mask on it (``k`` switched off), scored side by side on the candidate axis. The
@@ -39,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import re
 import time
 from collections.abc import Callable
@@ -102,7 +111,8 @@ class Move:
     candidates: int  # moves scored in this step
     seconds: float
     compiles: int
-    rows_skipped: float = 0.0
+    rows_skipped: float = 0.0  # of the moves scored on every row
+    finalists: int = 0  # moves scored on every row after screening (0: no screening)
 
     @property
     def restored(self) -> Unit:
@@ -256,6 +266,8 @@ def refine(
     budget: Budget = Budget(),
     cross_kind: bool = False,
     state: RefineState | None = None,
+    screen: Scorer | None = None,
+    finalists: int = 0,
     on_move: Callable[[RefineState, CausalLM], None] | None = None,
     say: Callable[[str], None] = lambda text: None,
     sharding_for: ShardingFor | None = None,
@@ -265,11 +277,15 @@ def refine(
     ``dense_model`` is the dense model the search started from (reordered when it was);
     ``scorer`` holds every calibration row; ``settings`` are the search's (group sizes, the
     distribution's kinds, prefix cache and bound). ``on_move`` runs after every accepted move.
+    With ``screen`` (a scorer of fewer rows) and ``finalists`` > 0, a step scores every move on
+    ``screen``'s rows first (no bound: every score is needed to rank), then only the
+    ``finalists`` best of them, in move order, on ``scorer``'s rows, as an exact step would.
     """
     state = state or RefineState()
     spec = replay(state, greedy, dense, settings)
     model = surgery.shrink(dense_model, spec, sharding_for)
     spent, started = state.evaluations, time.perf_counter()
+    screening = screen is not None and finalists > 0
     while True:
         if budget.seconds and time.perf_counter() - started >= budget.seconds:
             state.stopped = "budget"
@@ -283,35 +299,35 @@ def refine(
         t0, compiles = time.perf_counter(), scorer.compiles.count
         cache = scorer.prefix_cache(model) if settings.prefix_cache else None
         before = score_current(scorer, model, cache)
-        best, best_ppl, rows = None, before, 0
-        for restored, group in itertools.groupby(todo, key=lambda move: move[0]):
-            removals = [k for _, k in group]
-            grown = surgery.shrink(dense_model, restore(spec, restored, settings), sharding_for)
-            slots = [
-                Slot(
-                    search.candidate_masks(grown.spec, k, settings),
-                    min(restored.layer, k.layer) if cache is not None else 0,
-                )
-                for k in removals
-            ]
-            outcome = step_lib.score_step(
-                scorer,
-                grown,
-                slots,
-                bound=settings.bound,
-                cache=None if cache is None else PrefixCache(grown, cache.inputs),
-                beat=best_ppl,
+        exact = todo
+        if screening and len(todo) > finalists:
+            screen_cache = screen.prefix_cache(model) if settings.prefix_cache else None
+            screened, _ = _score_moves(
+                screen, dense_model, spec, todo, screen_cache, settings, sharding_for, bound=False
             )
-            rows += sum(outcome.rows)
-            winner = outcome.winner()
-            if winner is not None and outcome.ppl[winner] < best_ppl:
-                best, best_ppl = (restored, removals[winner]), outcome.ppl[winner]
+            ranked = sorted(range(len(todo)), key=lambda i: (_finite(screened[i]), i))
+            exact = [todo[i] for i in sorted(ranked[:finalists])]
+        ppls, rows = _score_moves(
+            scorer,
+            dense_model,
+            spec,
+            exact,
+            cache,
+            settings,
+            sharding_for,
+            bound=settings.bound,
+            beat=before,
+        )
+        best, best_ppl = None, before
+        for move, ppl in zip(exact, ppls, strict=True):
+            if ppl is not None and ppl < best_ppl:  # strict: the earlier move wins ties
+                best, best_ppl = move, ppl
         scored = len(todo)
         spent += scored
         state.evaluations = spent
         if best is None:
             state.stopped = "no improving move"
-            say(f"refine: no move improves {before:.4f} ({scored} moves scored)")
+            say(f"refine: no move improves {before:.4f} ({_scored(scored, exact, screening)})")
             break
         spec = apply(spec, best, settings)
         model = surgery.shrink(dense_model, spec, sharding_for)
@@ -330,13 +346,68 @@ def refine(
             candidates=scored,
             seconds=time.perf_counter() - t0,
             compiles=scorer.compiles.count - compiles,
-            rows_skipped=1.0 - rows / (scored * scorer.rows.count) if scored else 0.0,
+            rows_skipped=1.0 - rows / (len(exact) * scorer.rows.count),
+            finalists=len(exact) if screening else 0,
         )
         state.moves.append(move)
         say(
             f"refine move {move.step}: {move.describe()}: {before:.4f} -> {best_ppl:.4f} "
-            f"({scored} moves scored, {move.seconds:.1f}s)"
+            f"({_scored(scored, exact, screening)}, {move.seconds:.1f}s)"
         )
         if on_move is not None:
             on_move(state, model)
     return model, state
+
+
+def _score_moves(
+    scorer: Scorer,
+    dense_model: CausalLM,
+    spec: ModelSpec,
+    todo: list[tuple[Unit, Unit]],
+    cache: PrefixCache | None,
+    settings: search.Settings,
+    sharding_for: ShardingFor | None,
+    *,
+    bound: bool,
+    beat: float = math.inf,
+) -> tuple[list[float | None], int]:
+    """The perplexity of every move of ``todo`` on ``scorer``'s rows (``None`` where the bound
+    proved it no better than ``beat`` or an earlier move), and the rows scored in all.
+
+    The moves restoring one unit share one model (``spec`` plus that unit), each a mask on it.
+    """
+    ppls: list[float | None] = []
+    rows = 0
+    for restored, group in itertools.groupby(todo, key=lambda move: move[0]):
+        removals = [k for _, k in group]
+        grown = surgery.shrink(dense_model, restore(spec, restored, settings), sharding_for)
+        slots = [
+            Slot(
+                search.candidate_masks(grown.spec, k, settings),
+                min(restored.layer, k.layer) if cache is not None else 0,
+            )
+            for k in removals
+        ]
+        outcome = step_lib.score_step(
+            scorer,
+            grown,
+            slots,
+            bound=bound,
+            cache=None if cache is None else PrefixCache(grown, cache.inputs),
+            beat=beat,
+        )
+        rows += sum(outcome.rows)
+        ppls += outcome.ppl
+        beat = min([beat] + [_finite(p) for p in outcome.ppl])
+    return ppls, rows
+
+
+def _finite(ppl: float | None) -> float:
+    """``ppl`` for ranking: a stopped (``None``) or NaN score ranks last."""
+    return math.inf if ppl is None or math.isnan(ppl) else ppl
+
+
+def _scored(scored: int, exact: list, screening: bool) -> str:
+    if not screening:
+        return f"{scored} moves scored"
+    return f"{scored} moves screened, {len(exact)} finalists scored on every row"

@@ -380,10 +380,18 @@ def _load_wikitext2(wikitext2_path: str | None) -> list[str]:
 
 
 def install_wikitext2(source: str | os.PathLike[str], root: str | None = None) -> str:
-    """Copy the WikiText-2 test rows ``source`` (checked) to the assets folder; a line saying so."""
+    """Copy the WikiText-2 test rows ``source`` (checked) to the assets folder; a line saying so.
+
+    ``source`` is the ``wiki.test.rows.jsonl`` file or a folder holding one.
+    """
     final = assets.wikitext2_file(root)
-    _checked_wikitext2(Path(source))
-    atomic.write_bytes(final, Path(source).read_bytes())
+    source = Path(source)
+    if source.is_dir():
+        source = source / final.name
+        if not source.is_file():
+            raise FileNotFoundError(f"{source.parent} holds no {final.name} (WikiText-2 test rows)")
+    _checked_wikitext2(source)
+    atomic.write_bytes(final, source.read_bytes())
     return f"WikiText-2 test split: {final} (from {source})"
 
 
