@@ -23,7 +23,7 @@ from absl import app, flags
 from models import masks as masks_lib
 from models.spec import ModelSpec
 from multipruner_jax.evals.evaluation import eval_ignore_id
-from multipruner_jax.prune.scoring import Scorer
+from multipruner_jax.runtime.scoring import Scorer
 from multipruner_jax.storage import assets, data, hf_io
 
 _ROWS = flags.DEFINE_integer("rows", 2, "Evaluation rows.")

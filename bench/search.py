@@ -61,7 +61,7 @@ from models.spec import ModelSpec, pruned_ratio  # noqa: E402
 from multipruner_jax.base import mesh as mesh_lib  # noqa: E402
 from multipruner_jax.exporting import export
 from multipruner_jax.prune import search, surgery  # noqa: E402
-from multipruner_jax.prune.scoring import PrefixCache, Scorer  # noqa: E402
+from multipruner_jax.runtime.scoring import PrefixCache, Scorer  # noqa: E402
 from multipruner_jax.storage import assets, data, hf_io
 
 _SEQLEN = flags.DEFINE_integer("seqlen", 512, "Calibration row length.")

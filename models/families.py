@@ -14,7 +14,7 @@ spells a few switches, and this table is the one place that says how:
 * ``constants``: keys a written config carries with fixed values.
 
 ``models/spec.py`` reads and writes configs through this table. The torch modeling file that
-compact exports carry (``multipruner_jax/exporting/remote_code/modeling_multipruner.py``) cannot
+compact exports carry (``multipruner_jax/storage/remote_code/modeling_multipruner.py``) cannot
 import this package, so it keeps a small copy of the same rules; ``tests/test_remote_code.py``
 checks that the two agree. The README's "Adding a family" lists every other table a new family
 joins.

@@ -5,8 +5,9 @@ and with ``--merge`` folds the best adapters into a checkpoint that ``scripts/ev
 ``scripts/export_hf.py`` read. See ``multipruner_jax/finetune/recovery.py`` for the output layout.
 """
 
-from multipruner_jax.base import agreement, cli, mesh
+from multipruner_jax.base import cli, mesh
 from multipruner_jax.finetune import recovery
+from multipruner_jax.storage import agreement
 
 cli.define_flags(recovery.FinetuneOptions, __name__)  # the job's flags, with their help
 cli.define_distributed_flags(__name__)

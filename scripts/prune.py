@@ -4,8 +4,9 @@ The job's flags are the fields of ``pipeline.PruneOptions`` (declared there, wit
 `cli.define_distributed_flags` adds the flags that join a multi-process run.
 """
 
-from multipruner_jax.base import agreement, cli, mesh
+from multipruner_jax.base import cli, mesh
 from multipruner_jax.prune import pipeline
+from multipruner_jax.storage import agreement
 
 cli.define_flags(pipeline.PruneOptions, __name__)
 cli.define_distributed_flags(__name__)

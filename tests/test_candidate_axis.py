@@ -12,7 +12,7 @@ import tiny_models
 from models import masks as masks_lib
 from multipruner_jax.base import mesh as mesh_lib
 from multipruner_jax.prune import search, surgery
-from multipruner_jax.prune.scoring import Scorer, Slot
+from multipruner_jax.runtime.scoring import Scorer, Slot
 
 FAMILY = "llama_gqa"  # 2 KV groups, so a model axis of 2 splits heads and MLP channels
 

@@ -19,10 +19,10 @@ import pytest
 import tiny_models
 from test_distributed import _free_port, _launch, _options
 
-from multipruner_jax.base import agreement, atomic, ownership
+from multipruner_jax.base import atomic, ownership
 from multipruner_jax.finetune import recovery
 from multipruner_jax.prune import pipeline
-from multipruner_jax.storage import assets, checkpoint, data
+from multipruner_jax.storage import agreement, assets, checkpoint, data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

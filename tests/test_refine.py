@@ -18,7 +18,7 @@ import tiny_models
 from models.spec import count_params, pruned_ratio
 from multipruner_jax.base import mesh as mesh_lib
 from multipruner_jax.prune import near_ties, pipeline, refine, search, surgery
-from multipruner_jax.prune.scoring import Scorer
+from multipruner_jax.runtime.scoring import Scorer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILY = "llama_mha"

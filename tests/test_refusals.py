@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import tiny_models
 
-from multipruner_jax.exporting import export, remote_code
+from multipruner_jax.exporting import export
 from multipruner_jax.prune import pipeline
-from multipruner_jax.storage import data, hf_io, pruning_config
+from multipruner_jax.storage import data, hf_io, pruning_config, remote_code
 
 _opts = tiny_models.prune_options
 

@@ -41,9 +41,9 @@ from models.spec import (
     dense_spec,
     spec_to_hf_config,
 )
-from multipruner_jax.exporting import export, remote_code
+from multipruner_jax.exporting import export
 from multipruner_jax.prune import surgery
-from multipruner_jax.storage import assets, checkpoint, hf_io, pruning_config
+from multipruner_jax.storage import assets, checkpoint, hf_io, pruning_config, remote_code
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(REPO, "tests", "data", "smollm2_demo_pruning_config.json")

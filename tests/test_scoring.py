@@ -13,7 +13,7 @@ import tiny_models
 from models import masks as masks_lib
 from multipruner_jax.base import mesh as mesh_lib
 from multipruner_jax.prune import surgery
-from multipruner_jax.prune.scoring import Scorer, head_nll
+from multipruner_jax.runtime.scoring import Scorer, head_nll
 
 IGNORE = 5
 

@@ -13,10 +13,10 @@ from flax import nnx
 from models.spec import ModelSpec, pruned_ratio
 from multipruner_jax.base import mesh as mesh_lib
 from multipruner_jax.prune import search, surgery
-from multipruner_jax.prune.scoring import Scorer, head_nll
 from multipruner_jax.runtime.cross_entropy import output_weight
 from multipruner_jax.runtime.engine import CompileCounter
 from multipruner_jax.runtime.rows import Rows
+from multipruner_jax.runtime.scoring import Scorer, head_nll
 from multipruner_jax.storage import assets, hf_io
 
 GROUPS = {  # (mlp group, attention group in query channels = one KV group)

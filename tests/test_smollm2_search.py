@@ -14,7 +14,7 @@ import torch
 import transformers
 
 from multipruner_jax.prune import search, surgery
-from multipruner_jax.prune.scoring import Scorer
+from multipruner_jax.runtime.scoring import Scorer
 from multipruner_jax.storage import assets, data, hf_io
 
 SEQLEN = 128

@@ -19,7 +19,7 @@ from models.spec import ModelSpec, count_params
 from multipruner_jax.base import mesh as mesh_lib
 from multipruner_jax.base.cli import option
 from multipruner_jax.evals import task_data as task_data_lib
-from multipruner_jax.prune.scoring import Scorer
+from multipruner_jax.runtime.scoring import Scorer
 from multipruner_jax.storage import data
 from multipruner_jax.storage.hf_io import COMPUTE_DTYPES
 from multipruner_jax.storage.model_loader import load_model, load_tokenizer, resolve_model

@@ -45,7 +45,7 @@ from models.spec import (
     spec_to_hf_config,
 )
 from multipruner_jax.base import atomic
-from multipruner_jax.exporting import decilm, gguf_export, remote_code
+from multipruner_jax.exporting import decilm, gguf_export
 from multipruner_jax.exporting.padding import Padding
 from multipruner_jax.exporting.tensor_files import (
     FILE_DTYPES,
@@ -54,7 +54,7 @@ from multipruner_jax.exporting.tensor_files import (
     model_tensors,
     write_safetensors,
 )
-from multipruner_jax.storage import checkpoint, hf_io, pruning_config
+from multipruner_jax.storage import checkpoint, hf_io, pruning_config, remote_code
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from multipruner_jax.exporting import remote_code
+from multipruner_jax.storage import remote_code
 
 LOAD_SNIPPET = """from transformers import AutoModelForCausalLM, AutoTokenizer
 tokenizer = AutoTokenizer.from_pretrained("{path}")

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from models.decoder import CausalLM
 from multipruner_jax.prune import step as step_lib
-from multipruner_jax.prune.scoring import Scorer, Slot
+from multipruner_jax.runtime.scoring import Scorer, Slot
 
 
 def within(ppl: Sequence[float | None], winner: int, margin: float) -> list[int]:

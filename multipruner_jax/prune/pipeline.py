@@ -38,7 +38,7 @@ from multipruner_jax.evals.evaluation import evaluate_perplexity
 from multipruner_jax.exporting import export
 from multipruner_jax.prune import refine, search, surgery
 from multipruner_jax.prune.progress import ConsoleProgress, summary_table
-from multipruner_jax.prune.scoring import Scorer, prefix_cache_bytes
+from multipruner_jax.runtime.scoring import Scorer, prefix_cache_bytes
 from multipruner_jax.storage import checkpoint, data, hf_io, model_source, pruning_config
 from multipruner_jax.storage.hf_io import COMPUTE_DTYPES
 from multipruner_jax.storage.job import JobFolder, check_resume_identity, is_writer, say

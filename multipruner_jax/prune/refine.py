@@ -60,7 +60,7 @@ from models.spec import ModelSpec, count_params, pruned_ratio
 from multipruner_jax.base.mesh import ShardingFor
 from multipruner_jax.prune import search, surgery
 from multipruner_jax.prune import step as step_lib
-from multipruner_jax.prune.scoring import PrefixCache, Scorer, Slot
+from multipruner_jax.runtime.scoring import PrefixCache, Scorer, Slot
 
 Unit = search.Candidate
 

@@ -28,7 +28,7 @@ from models.spec import LayerSpec, ModelSpec, count_params, pruned_ratio
 from multipruner_jax.base.mesh import ShardingFor
 from multipruner_jax.prune import near_ties, surgery
 from multipruner_jax.prune import step as step_lib
-from multipruner_jax.prune.scoring import Scorer, Slot
+from multipruner_jax.runtime.scoring import Scorer, Slot
 
 Stage = Literal["block", "mlp_width", "attn_head"]
 Kind = Literal["attn", "mlp"]

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.decoder import CausalLM
-from multipruner_jax.prune.scoring import PrefixCache, Scorer, Slot
+from multipruner_jax.runtime.scoring import PrefixCache, Scorer, Slot
 
 # The lowest value a row's mean NLL can take. Each target's NLL is ``logsumexp - logit`` in fp32,
 # mathematically >= 0; XLA's rounding of ``exp(0)`` and ``log`` can leave it about 1e-7 below.

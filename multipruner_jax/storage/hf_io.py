@@ -31,8 +31,7 @@ from models.decoder import CausalLM
 from models.hf_names import hf_name
 from models.spec import ModelSpec, load_hf_config
 from multipruner_jax.base.mesh import ShardingFor
-from multipruner_jax.exporting import remote_code
-from multipruner_jax.storage import pruning_config
+from multipruner_jax.storage import pruning_config, remote_code
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
