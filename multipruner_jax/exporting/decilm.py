@@ -35,8 +35,9 @@ import numpy as np
 from models.spec import ModelSpec, spec_to_hf_config
 from multipruner_jax.exporting.padding import Padding
 from multipruner_jax.exporting.tensor_files import Tensor, by_name, model_tensors
+from multipruner_jax.storage import remote_code
 
-_REMOTE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "remote_code")
+_REMOTE = os.path.dirname(remote_code.MODELING_FILE)
 # Shipped beside ``remote_code.MODELING_FILE``: our config class, and the model entry point.
 CONFIG_FILE = os.path.join(_REMOTE, "configuration_decilm.py")
 ENTRY_FILE = os.path.join(_REMOTE, "modeling_decilm.py")
