@@ -160,7 +160,10 @@ def test_screened_refinement_takes_the_best_finalist(greedy):
     finalists = sorted(sorted(range(len(todo)), key=lambda i: (screened[i], i))[:2])
     exact_ppl = {i: _scorer().perplexity(models[i]) for i in finalists}
     best = min(finalists, key=lambda i: (exact_ppl[i], i))
-    _, screened_state = _run(greedy, screen=screen, finalists=2)
+    lines = []
+    _, screened_state = _run(greedy, screen=screen, finalists=2, status=lines.append)
+    assert f"refine step 0: screened {len(todo)}/{len(todo)} moves, 0:00:00 left" in lines
+    assert "refine step 0: scored 2/2 moves, 0:00:00 left" in lines
     current = _scorer().perplexity(surgery.shrink(dense_model, spec))
     assert exact_ppl[best] < current, "the tiny greedy result should be improvable"
     first = screened_state.moves[0]

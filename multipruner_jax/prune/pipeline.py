@@ -34,6 +34,7 @@ from models.spec import ModelSpec, count_params, pruned_ratio
 from multipruner_jax.base import atomic, ownership
 from multipruner_jax.base import mesh as mesh_lib
 from multipruner_jax.base.cli import option
+from multipruner_jax.base.console import StatusLine
 from multipruner_jax.evals.evaluation import evaluate_perplexity
 from multipruner_jax.exporting import export
 from multipruner_jax.prune import refine, search, surgery
@@ -637,7 +638,7 @@ def _search(job: _Job, settings: search.Settings):
     if opts.refine:
         job.outputs.greedy_config(config)
         job.outputs.refined = job.plan.refine_state or refine.RefineState()
-        t0 = time.perf_counter()
+        t0, line = time.perf_counter(), StatusLine()
         model, refined = refine.refine(
             dense_model,
             model.spec,
@@ -650,7 +651,8 @@ def _search(job: _Job, settings: search.Settings):
             screen=scorers["width"],
             finalists=opts.refine_finalists,
             on_move=job.outputs.on_move,
-            say=lambda text: _say(opts, text),
+            say=lambda text: (line.clear(), _say(opts, text)),
+            status=line.show if not opts.quiet and is_writer() else lambda text: None,
             sharding_for=job.sharding_for,
         )
         del dense_model

@@ -57,6 +57,7 @@ from typing import Any
 from models import masks as masks_lib
 from models.decoder import CausalLM
 from models.spec import ModelSpec, count_params, pruned_ratio
+from multipruner_jax.base.console import clock
 from multipruner_jax.base.mesh import ShardingFor
 from multipruner_jax.prune import search, surgery
 from multipruner_jax.prune import step as step_lib
@@ -270,13 +271,15 @@ def refine(
     finalists: int = 0,
     on_move: Callable[[RefineState, CausalLM], None] | None = None,
     say: Callable[[str], None] = lambda text: None,
+    status: Callable[[str], None] = lambda text: None,
     sharding_for: ShardingFor | None = None,
 ) -> tuple[CausalLM, RefineState]:
     """Refine the greedy result ``greedy`` (a spec of ``dense``) from ``state`` (replayed first).
 
     ``dense_model`` is the dense model the search started from (reordered when it was);
     ``scorer`` holds every calibration row; ``settings`` are the search's (group sizes, the
-    distribution's kinds, prefix cache and bound). ``on_move`` runs after every accepted move.
+    distribution's kinds, prefix cache and bound). ``on_move`` runs after every accepted move;
+    ``say`` gets a line per step, ``status`` a progress line as a step's moves are scored.
     With ``screen`` (a scorer of fewer rows) and ``finalists`` > 0, a step scores every move on
     ``screen``'s rows first (no bound: every score is needed to rank), then only the
     ``finalists`` best of them, in move order, on ``scorer``'s rows, as an exact step would.
@@ -303,7 +306,15 @@ def refine(
         if screening and len(todo) > finalists:
             screen_cache = screen.prefix_cache(model) if settings.prefix_cache else None
             screened, _ = _score_moves(
-                screen, dense_model, spec, todo, screen_cache, settings, sharding_for, bound=False
+                screen,
+                dense_model,
+                spec,
+                todo,
+                screen_cache,
+                settings,
+                sharding_for,
+                bound=False,
+                on_group=_progress(status, len(state.moves), "screened", len(todo)),
             )
             ranked = sorted(range(len(todo)), key=lambda i: (_finite(screened[i]), i))
             exact = [todo[i] for i in sorted(ranked[:finalists])]
@@ -317,6 +328,7 @@ def refine(
             sharding_for,
             bound=settings.bound,
             beat=before,
+            on_group=_progress(status, len(state.moves), "scored", len(exact)),
         )
         best, best_ppl = None, before
         for move, ppl in zip(exact, ppls, strict=True):
@@ -370,6 +382,7 @@ def _score_moves(
     *,
     bound: bool,
     beat: float = math.inf,
+    on_group: Callable[[int], None] = lambda done: None,
 ) -> tuple[list[float | None], int]:
     """The perplexity of every move of ``todo`` on ``scorer``'s rows (``None`` where the bound
     proved it no better than ``beat`` or an earlier move), and the rows scored in all.
@@ -399,7 +412,21 @@ def _score_moves(
         rows += sum(outcome.rows)
         ppls += outcome.ppl
         beat = min([beat] + [_finite(p) for p in outcome.ppl])
+        on_group(len(ppls))
     return ppls, rows
+
+
+def _progress(
+    status: Callable[[str], None], step: int, phase: str, total: int
+) -> Callable[[int], None]:
+    """A callback showing ``done`` of ``total`` moves of this phase and the time it has left."""
+    started = time.perf_counter()
+
+    def show(done: int) -> None:
+        left = (time.perf_counter() - started) / done * (total - done)
+        status(f"refine step {step}: {phase} {done}/{total} moves, {clock(left)} left")
+
+    return show
 
 
 def _finite(ppl: float | None) -> float:
